@@ -1,0 +1,117 @@
+//! Query cancellation. Clients get a key made by the proxy (the server's
+//! pid with a fresh random secret); only keys handed out here are honoured,
+//! and each leads to the upstream session it stands for, over TLS, at the
+//! address that session is connected to.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+
+use bytes::BytesMut;
+use tokio::io::AsyncWriteExt;
+
+use crate::pg::startup::{self, CancelKey};
+use crate::upstream::{self, Endpoint};
+
+/// Where a proxy key leads.
+#[derive(Debug, Clone)]
+struct Target {
+    endpoint: Arc<Endpoint>,
+    addr: SocketAddr,
+    key: CancelKey,
+}
+
+/// Proxy-issued cancel keys of the live sessions.
+#[derive(Debug, Default)]
+pub struct CancelRegistry {
+    map: Mutex<HashMap<CancelKey, Target>>,
+}
+
+/// Removes its key from the registry when the session ends.
+#[derive(Debug)]
+pub struct Registration {
+    registry: Arc<CancelRegistry>,
+    key: CancelKey,
+}
+
+impl Drop for Registration {
+    fn drop(&mut self) {
+        self.registry
+            .map
+            .lock()
+            .expect("lock poisoned")
+            .remove(&self.key);
+    }
+}
+
+impl CancelRegistry {
+    /// Issues a proxy key for the session behind `upstream_key`. Protocol
+    /// 3.2 allows 32-byte secrets; 3.0 clients expect 4 bytes.
+    pub fn register(
+        self: &Arc<Self>,
+        endpoint: Arc<Endpoint>,
+        addr: SocketAddr,
+        upstream_key: CancelKey,
+        minor: u16,
+    ) -> (CancelKey, Registration) {
+        let len = if minor >= 2 { 32 } else { 4 };
+        let mut map = self.map.lock().expect("lock poisoned");
+        let key = loop {
+            let mut secret = vec![0u8; len];
+            crate::tls::random_bytes(&mut secret);
+            let key = CancelKey {
+                pid: upstream_key.pid,
+                secret,
+            };
+            if !map.contains_key(&key) {
+                break key;
+            }
+        };
+        map.insert(
+            key.clone(),
+            Target {
+                endpoint,
+                addr,
+                key: upstream_key,
+            },
+        );
+        (
+            key.clone(),
+            Registration {
+                registry: self.clone(),
+                key,
+            },
+        )
+    }
+
+    /// Number of live keys.
+    pub fn len(&self) -> usize {
+        self.map.lock().expect("lock poisoned").len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Forwards a cancel request if `key` is one of ours. Returns whether it
+    /// was; like PostgreSQL, the client is told nothing either way.
+    pub async fn cancel(&self, key: &CancelKey) -> Result<bool, upstream::UpstreamError> {
+        let target = self.map.lock().expect("lock poisoned").get(key).cloned();
+        let Some(target) = target else {
+            return Ok(false);
+        };
+        let (mut stream, _) = upstream::connect_tls(&target.endpoint, Some(target.addr)).await?;
+        let mut out = BytesMut::new();
+        startup::encode_cancel(&mut out, &target.key);
+        stream.write_all(&out).await?;
+        stream.flush().await?;
+        // The server closes once it has acted; wait for that, briefly.
+        let mut sink = [0u8; 64];
+        let _ = tokio::time::timeout(
+            std::time::Duration::from_secs(5),
+            tokio::io::AsyncReadExt::read(&mut stream, &mut sink),
+        )
+        .await;
+        Ok(true)
+    }
+}

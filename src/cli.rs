@@ -1,0 +1,145 @@
+//! The command line. Every flag also reads an `RDS_IAM_PROXY_*` variable.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Parser, ValueEnum};
+
+/// A PostgreSQL proxy for Amazon Aurora / RDS IAM database authentication.
+///
+/// Clients connect with no password. The proxy learns who you are from
+/// your AWS session, refuses any database user that is not yours, signs a
+/// fresh 15-minute IAM token for every connection, connects to the cluster
+/// over verified TLS and forwards the PostgreSQL protocol.
+#[derive(Debug, Clone, Parser)]
+#[command(name = "rds-iam-proxy", version, about, long_about)]
+pub struct Cli {
+    /// The Aurora/RDS endpoint name: tokens are signed for it and the
+    /// server certificate must name it. Port 5432 unless given.
+    #[arg(long, env = "RDS_IAM_PROXY_UPSTREAM", value_name = "HOST[:PORT]")]
+    pub upstream: String,
+
+    /// Address to listen on; repeat for several. Plaintext is accepted only
+    /// on loopback addresses.
+    #[arg(
+        long,
+        env = "RDS_IAM_PROXY_LISTEN",
+        value_name = "ADDR",
+        default_value = "127.0.0.1:5432",
+        value_delimiter = ','
+    )]
+    pub listen: Vec<SocketAddr>,
+
+    /// Also listen on a unix socket DIR/.s.PGSQL.<port> (port of the first
+    /// --listen address, 5432 if that is 0), so `psql -h DIR` works.
+    #[arg(long, env = "RDS_IAM_PROXY_UNIX_SOCKET", value_name = "DIR")]
+    pub unix_socket: Option<PathBuf>,
+
+    /// Dial this HOST:PORT instead of resolving the upstream name (SSH or
+    /// SSM tunnels); tokens and TLS still use the upstream name.
+    #[arg(long, env = "RDS_IAM_PROXY_CONNECT_TO", value_name = "HOST:PORT")]
+    pub connect_to: Option<String>,
+
+    /// PEM bundle of CAs trusted for the upstream certificate [default:
+    /// the Amazon RDS global bundle built into the binary].
+    #[arg(long, env = "RDS_IAM_PROXY_UPSTREAM_CA", value_name = "PEM")]
+    pub upstream_ca: Option<PathBuf>,
+
+    /// AWS region for signing [default: from the endpoint name
+    /// (*.REGION.rds.amazonaws.com), else the AWS configuration].
+    #[arg(long, env = "RDS_IAM_PROXY_REGION")]
+    pub region: Option<String>,
+
+    /// AWS profile (SSO profiles included) [default: AWS_PROFILE, else the
+    /// standard credential chain].
+    #[arg(long, env = "RDS_IAM_PROXY_PROFILE")]
+    pub profile: Option<String>,
+
+    /// Certificate chain (PEM) shown to clients [default: a local CA and
+    /// localhost certificate made on first run in the state directory].
+    #[arg(
+        long,
+        env = "RDS_IAM_PROXY_TLS_CERT",
+        value_name = "PEM",
+        requires = "tls_key"
+    )]
+    pub tls_cert: Option<PathBuf>,
+
+    /// Private key (PEM) for --tls-cert.
+    #[arg(
+        long,
+        env = "RDS_IAM_PROXY_TLS_KEY",
+        value_name = "PEM",
+        requires = "tls_cert"
+    )]
+    pub tls_key: Option<PathBuf>,
+
+    /// Where the generated local CA lives [default:
+    /// $XDG_STATE_HOME/rds-iam-proxy or ~/.local/state/rds-iam-proxy].
+    #[arg(long, env = "RDS_IAM_PROXY_STATE_DIR", value_name = "DIR")]
+    pub state_dir: Option<PathBuf>,
+
+    /// Time a client has to finish TLS and send its startup packet.
+    #[arg(long, env = "RDS_IAM_PROXY_HANDSHAKE_TIMEOUT", value_name = "DURATION", default_value = "30s", value_parser = parse_duration)]
+    pub handshake_timeout: Duration,
+
+    /// Time allowed for the TCP connection to the upstream.
+    #[arg(long, env = "RDS_IAM_PROXY_CONNECT_TIMEOUT", value_name = "DURATION", default_value = "10s", value_parser = parse_duration)]
+    pub connect_timeout: Duration,
+
+    /// Time allowed for the whole upstream login (TLS, token, greeting).
+    #[arg(long, env = "RDS_IAM_PROXY_LOGIN_TIMEOUT", value_name = "DURATION", default_value = "30s", value_parser = parse_duration)]
+    pub login_timeout: Duration,
+
+    /// Log format on stderr.
+    #[arg(long, env = "RDS_IAM_PROXY_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// Parses `500ms`, `30s`, `5m`, `1h` or a bare number of seconds.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("{s:?} is not a duration such as 500ms, 30s, 5m or 1h"))?;
+    Ok(match unit {
+        "ms" => Duration::from_millis(n),
+        "" | "s" => Duration::from_secs(n),
+        "m" => Duration::from_secs(n * 60),
+        "h" => Duration::from_secs(n * 3600),
+        _ => {
+            return Err(format!(
+                "{s:?} has unknown unit {unit:?}: use ms, s, m or h"
+            ));
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn cli_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
+        assert_eq!(parse_duration("7"), Ok(Duration::from_secs(7)));
+        assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
+        assert!(parse_duration("2 weeks").is_err());
+        assert!(parse_duration("s").is_err());
+    }
+}

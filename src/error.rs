@@ -1,0 +1,213 @@
+//! What a client is told when its connection fails.
+//!
+//! This is an allowlist: every connection error maps to a SQLSTATE and a
+//! message that says what happened and what to do. Internal detail (error
+//! chains, addresses the client did not name) goes to the log only.
+
+use thiserror::Error;
+
+use crate::forward::ForwardError;
+use crate::handshake::HandshakeError;
+use crate::identity::IdentityError;
+use crate::pg::backend::{ErrorMessage, Severity};
+use crate::upstream::UpstreamError;
+
+/// Everything that can end a connection early.
+#[derive(Debug, Error)]
+pub enum ConnError {
+    #[error(transparent)]
+    Handshake(#[from] HandshakeError),
+    #[error("the handshake took longer than {0:?}")]
+    HandshakeTimeout(std::time::Duration),
+    #[error("identity: {0}")]
+    Identity(#[from] IdentityError),
+    #[error("database user {requested:?} refused: the proxy acts for {person:?}")]
+    NotYourUser { requested: String, person: String },
+    #[error("replication connections are not supported")]
+    Replication,
+    #[error("upstream: {0}")]
+    Upstream(#[from] UpstreamError),
+    #[error("the upstream login took longer than {0:?}")]
+    LoginTimeout(std::time::Duration),
+    #[error("forwarding: {0}")]
+    Forward(#[from] ForwardError),
+}
+
+/// SQLSTATEs the proxy uses.
+pub mod sqlstate {
+    pub const PROTOCOL_VIOLATION: &str = "08P01";
+    pub const CANNOT_CONNECT: &str = "08001";
+    pub const CONNECTION_FAILURE: &str = "08006";
+    pub const INVALID_AUTHORIZATION: &str = "28000";
+    pub const FEATURE_NOT_SUPPORTED: &str = "0A000";
+}
+
+fn fatal(code: &'static str, message: impl Into<String>, hint: Option<String>) -> ErrorMessage {
+    ErrorMessage {
+        severity: Severity::Fatal,
+        code: code.into(),
+        message: message.into(),
+        detail: None,
+        hint,
+    }
+}
+
+/// Context for the messages: names the client already knows.
+#[derive(Debug, Clone, Copy)]
+pub struct Names<'a> {
+    pub upstream: &'a str,
+    pub profile: Option<&'a str>,
+}
+
+impl ConnError {
+    /// The ErrorResponse for the client, or `None` when the client cannot
+    /// be told anything (it left, or TLS never came up).
+    pub fn to_client(&self, names: Names<'_>) -> Option<ErrorMessage> {
+        use sqlstate::*;
+        let login = match names.profile {
+            Some(p) => format!("aws sso login --profile {p}"),
+            None => "aws sso login".to_owned(),
+        };
+        Some(match self {
+            ConnError::Handshake(e) => match e {
+                HandshakeError::ClientGone | HandshakeError::Io(_) | HandshakeError::Tls(_) => return None,
+                HandshakeError::PlaintextRefused => fatal(
+                    INVALID_AUTHORIZATION,
+                    "this proxy listener accepts only TLS connections",
+                    Some("connect with sslmode=require, or sslmode=verify-full with the proxy's CA as sslrootcert".into()),
+                ),
+                HandshakeError::DirectTlsWithoutAlpn => fatal(
+                    PROTOCOL_VIOLATION,
+                    "direct TLS connection without ALPN \"postgresql\"",
+                    Some("use a client that sends ALPN (libpq 17 or later) or sslnegotiation=postgres".into()),
+                ),
+                HandshakeError::Startup(s) => fatal(PROTOCOL_VIOLATION, s.to_string(), None),
+                other => fatal(PROTOCOL_VIOLATION, other.to_string(), None),
+            },
+            ConnError::HandshakeTimeout(_) => fatal(
+                PROTOCOL_VIOLATION,
+                "the client did not finish the startup in time",
+                None,
+            ),
+            ConnError::Identity(e) => match e {
+                IdentityError::Credentials(c) => fatal(
+                    INVALID_AUTHORIZATION,
+                    format!("rds-iam-proxy has no usable AWS credentials: {}", c.message),
+                    Some(format!("sign in again (for SSO: {login}), then reconnect; the proxy picks the new session up without a restart")),
+                ),
+                IdentityError::CallerIdentity(_) | IdentityError::IncompleteCaller => fatal(
+                    INVALID_AUTHORIZATION,
+                    "rds-iam-proxy could not confirm your AWS identity with STS",
+                    Some(format!("check the proxy's log; if your session expired, run: {login}")),
+                ),
+                IdentityError::Arn(a) => fatal(INVALID_AUTHORIZATION, a.to_string(), None),
+            },
+            ConnError::NotYourUser { requested, person } => fatal(
+                INVALID_AUTHORIZATION,
+                format!("database user \"{requested}\" is not yours: this proxy acts for AWS user \"{person}\""),
+                Some(format!("connect as user \"{person}\"")),
+            ),
+            ConnError::Replication => fatal(
+                FEATURE_NOT_SUPPORTED,
+                "replication connections are not supported through rds-iam-proxy",
+                None,
+            ),
+            ConnError::Upstream(e) => upstream_message(e, names.upstream)?,
+            ConnError::LoginTimeout(t) => fatal(
+                CANNOT_CONNECT,
+                format!("logging in to {} took longer than {}s", names.upstream, t.as_secs()),
+                Some("check that the cluster is available and reachable from this host".into()),
+            ),
+            ConnError::Forward(_) => return None,
+        })
+    }
+}
+
+fn upstream_message(e: &UpstreamError, upstream: &str) -> Option<ErrorMessage> {
+    use sqlstate::*;
+    let unreachable = |what: String| {
+        fatal(
+            CANNOT_CONNECT,
+            what,
+            Some(
+                "check the endpoint name, DNS, security groups and any tunnel (--connect-to)"
+                    .into(),
+            ),
+        )
+    };
+    Some(match e {
+        UpstreamError::Resolve { .. } | UpstreamError::NoAddress { .. } => {
+            unreachable(format!("cannot resolve the database endpoint {upstream}"))
+        }
+        UpstreamError::Connect { source, .. } => {
+            unreachable(format!("cannot reach the database endpoint {upstream}: {source}"))
+        }
+        UpstreamError::ConnectTimeout { timeout, .. } => unreachable(format!(
+            "connecting to the database endpoint {upstream} timed out after {}s",
+            timeout.as_secs()
+        )),
+        UpstreamError::TlsRefused { .. } => fatal(
+            CANNOT_CONNECT,
+            format!("the database at {upstream} does not offer TLS; rds-iam-proxy never sends a token without it"),
+            None,
+        ),
+        UpstreamError::Tls { source, .. } => fatal(
+            CANNOT_CONNECT,
+            format!("TLS verification of {upstream} failed: {source}"),
+            Some("the server certificate must chain to the Amazon RDS CA bundle (or --upstream-ca) and name the endpoint".into()),
+        ),
+        UpstreamError::UnexpectedAuth { method } => fatal(
+            INVALID_AUTHORIZATION,
+            format!("the database asked for {method} authentication instead of an IAM token"),
+            Some("grant the database user the rds_iam role: GRANT rds_iam TO <user>".into()),
+        ),
+        UpstreamError::Refused(server) => {
+            // The server's SQLSTATE reaches the client unchanged when it is one.
+            let code = if server.code.len() == 5 && server.code.bytes().all(|b| b.is_ascii_alphanumeric()) {
+                server.code.clone().into()
+            } else {
+                INVALID_AUTHORIZATION.into()
+            };
+            let hint = server.hint.clone().or_else(|| {
+                server.message.contains("PAM authentication failed").then(|| {
+                    "the IAM token was refused: check that the database user exists and is granted rds_iam, \
+                     that your IAM policy allows rds-db:connect on this user, and that this host's clock is right"
+                        .to_owned()
+                })
+            });
+            ErrorMessage {
+                severity: Severity::Fatal,
+                code,
+                message: server.message.clone(),
+                detail: server.detail.clone(),
+                hint,
+            }
+        }
+        UpstreamError::Protocol(_) | UpstreamError::Closed | UpstreamError::Io(_) => fatal(
+            CONNECTION_FAILURE,
+            format!("the connection to {upstream} failed during login"),
+            Some("try again; if it persists, check the proxy's log".into()),
+        ),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mismatch_names_both_users() {
+        let e = ConnError::NotYourUser {
+            requested: "bob".into(),
+            person: "arianna".into(),
+        };
+        let m = e
+            .to_client(Names {
+                upstream: "x:5432",
+                profile: None,
+            })
+            .unwrap();
+        assert_eq!(m.code, "28000");
+        assert!(m.message.contains("\"bob\"") && m.message.contains("\"arianna\""));
+    }
+}

@@ -1,0 +1,304 @@
+//! Forwarding after login: both directions in one task, each through a
+//! fixed buffer (no allocation per message), with backpressure (a side is
+//! read only when its previous bytes were written) and half-close.
+//!
+//! Client -> upstream bytes pass through a [`Scanner`] that follows message
+//! boundaries, so a malformed stream is stopped and each message can be
+//! acted on; the bytes themselves are forwarded untouched.
+
+use std::future::poll_fn;
+use std::io;
+use std::pin::Pin;
+use std::task::{Context, Poll, ready};
+
+use thiserror::Error;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+use crate::pg::frame::{FrameError, MAX_CLIENT_MESSAGE, Scanner};
+
+/// Per-direction buffer: one full TLS record.
+const BUF_SIZE: usize = 16 * 1024;
+
+/// Which side of the proxy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Side {
+    Client,
+    Upstream,
+}
+
+impl std::fmt::Display for Side {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Side::Client => "client",
+            Side::Upstream => "upstream",
+        })
+    }
+}
+
+#[derive(Debug, Error)]
+pub enum ForwardError {
+    #[error("{side} I/O error: {source}")]
+    Io { side: Side, source: io::Error },
+    #[error("client sent a malformed message: {0}")]
+    ClientProtocol(#[from] FrameError),
+}
+
+/// How a forwarded session ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ending {
+    /// The client sent Terminate.
+    ClientTerminated,
+    /// The client closed without Terminate.
+    ClientClosed,
+    /// The server closed first (e.g. a FATAL error, or shutdown).
+    UpstreamClosed,
+}
+
+/// Totals of one session.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Traffic {
+    pub client_to_upstream: u64,
+    pub upstream_to_client: u64,
+    pub client_messages: u64,
+}
+
+struct Pipe {
+    buf: Box<[u8]>,
+    pos: usize,
+    end: usize,
+    eof: bool,
+    done: bool,
+    need_flush: bool,
+    bytes: u64,
+}
+
+impl Pipe {
+    fn new() -> Self {
+        Self {
+            buf: vec![0; BUF_SIZE].into_boxed_slice(),
+            pos: 0,
+            end: 0,
+            eof: false,
+            done: false,
+            need_flush: false,
+            bytes: 0,
+        }
+    }
+
+    /// Moves bytes from `r` to `w` until `r` ends (then shuts `w` down) or
+    /// either side would block. `inspect` sees every chunk before it is
+    /// written.
+    fn poll_pump<R, W>(
+        &mut self,
+        cx: &mut Context<'_>,
+        mut r: Pin<&mut R>,
+        mut w: Pin<&mut W>,
+        from: Side,
+        mut inspect: impl FnMut(&[u8]) -> Result<(), ForwardError>,
+    ) -> Poll<Result<(), ForwardError>>
+    where
+        R: AsyncRead + ?Sized,
+        W: AsyncWrite + ?Sized,
+    {
+        let to = match from {
+            Side::Client => Side::Upstream,
+            Side::Upstream => Side::Client,
+        };
+        let werr = |source| ForwardError::Io { side: to, source };
+        loop {
+            if self.pos == self.end && !self.eof {
+                let mut rb = ReadBuf::new(&mut self.buf);
+                match r.as_mut().poll_read(cx, &mut rb) {
+                    Poll::Ready(Ok(())) => {
+                        let n = rb.filled().len();
+                        if n == 0 {
+                            self.eof = true;
+                        } else {
+                            inspect(&self.buf[..n])?;
+                            self.pos = 0;
+                            self.end = n;
+                        }
+                    }
+                    // A peer that vanishes without TLS close_notify has
+                    // still ended its side.
+                    Poll::Ready(Err(e)) if e.kind() == io::ErrorKind::UnexpectedEof => {
+                        self.eof = true;
+                    }
+                    Poll::Ready(Err(source)) => {
+                        return Poll::Ready(Err(ForwardError::Io { side: from, source }));
+                    }
+                    Poll::Pending => {
+                        // Nothing more to read now: push out what was written.
+                        if self.need_flush {
+                            ready!(w.as_mut().poll_flush(cx)).map_err(werr)?;
+                            self.need_flush = false;
+                        }
+                        return Poll::Pending;
+                    }
+                }
+            }
+            while self.pos < self.end {
+                let n = ready!(w.as_mut().poll_write(cx, &self.buf[self.pos..self.end]))
+                    .map_err(werr)?;
+                if n == 0 {
+                    return Poll::Ready(Err(werr(io::ErrorKind::WriteZero.into())));
+                }
+                self.pos += n;
+                self.bytes += n as u64;
+                self.need_flush = true;
+            }
+            if self.eof {
+                ready!(w.as_mut().poll_flush(cx)).map_err(werr)?;
+                // Half-close: the other side may still have bytes to send.
+                let _ = ready!(w.as_mut().poll_shutdown(cx));
+                self.done = true;
+                return Poll::Ready(Ok(()));
+            }
+        }
+    }
+}
+
+/// Forwards until the session ends. Returns the traffic and who ended it.
+///
+/// Cancel-safe in the sense that dropping it drops no buffered bytes that
+/// either side still waits for only when the connection is dropped with it.
+pub async fn forward<C, U>(
+    client: &mut C,
+    upstream: &mut U,
+) -> Result<(Traffic, Ending), (Traffic, ForwardError)>
+where
+    C: AsyncRead + AsyncWrite + Unpin + ?Sized,
+    U: AsyncRead + AsyncWrite + Unpin + ?Sized,
+{
+    let mut up = Pipe::new();
+    let mut down = Pipe::new();
+    let mut scanner = Scanner::new(MAX_CLIENT_MESSAGE);
+    let mut messages = 0u64;
+    let mut terminated = false;
+
+    let result = poll_fn(|cx| {
+        if !up.done {
+            let inspect = |chunk: &[u8]| {
+                scanner.feed(chunk, |h| {
+                    messages += 1;
+                    if h.tag == b'X' {
+                        terminated = true;
+                    }
+                })?;
+                Ok(())
+            };
+            if let Poll::Ready(r) = up.poll_pump(
+                cx,
+                Pin::new(&mut *client),
+                Pin::new(&mut *upstream),
+                Side::Client,
+                inspect,
+            ) {
+                r?;
+            }
+        }
+        if !down.done {
+            if let Poll::Ready(r) = down.poll_pump(
+                cx,
+                Pin::new(&mut *upstream),
+                Pin::new(&mut *client),
+                Side::Upstream,
+                |_| Ok(()),
+            ) {
+                r?;
+            }
+        }
+        // The server's side ending ends the session; the client's side
+        // ending waits for the server to finish answering.
+        if down.done {
+            Poll::Ready(Ok(()))
+        } else {
+            Poll::Pending
+        }
+    })
+    .await;
+
+    let traffic = Traffic {
+        client_to_upstream: up.bytes,
+        upstream_to_client: down.bytes,
+        client_messages: messages,
+    };
+    match result {
+        Ok(()) if terminated => Ok((traffic, Ending::ClientTerminated)),
+        Ok(()) if up.done => Ok((traffic, Ending::ClientClosed)),
+        Ok(()) => Ok((traffic, Ending::UpstreamClosed)),
+        Err(e) => Err((traffic, e)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    fn msg(tag: u8, body: &[u8]) -> Vec<u8> {
+        let mut out = bytes::BytesMut::new();
+        crate::pg::frame::write_message(&mut out, tag, |b| b.extend_from_slice(body));
+        out.to_vec()
+    }
+
+    #[tokio::test]
+    async fn relays_both_ways_and_sees_terminate() {
+        let (mut client, mut proxy_client) = tokio::io::duplex(64);
+        let (mut proxy_up, mut server) = tokio::io::duplex(64);
+        let task = tokio::spawn(async move { forward(&mut proxy_client, &mut proxy_up).await });
+
+        let query = msg(b'Q', b"select 1\0");
+        client.write_all(&query).await.unwrap();
+        let mut got = vec![0; query.len()];
+        server.read_exact(&mut got).await.unwrap();
+        assert_eq!(got, query);
+
+        // A reply larger than every buffer on the way arrives whole.
+        let reply: Vec<u8> = (0..200_000u32).map(|i| i as u8).collect();
+        let writer = tokio::spawn(async move {
+            server.write_all(&reply).await.unwrap();
+            let mut rest = Vec::new();
+            server.read_to_end(&mut rest).await.unwrap();
+            server.shutdown().await.unwrap();
+            (reply, rest)
+        });
+        let mut got = vec![0; 200_000];
+        client.read_exact(&mut got).await.unwrap();
+        client.write_all(&msg(b'X', b"")).await.unwrap();
+        client.shutdown().await.unwrap();
+        let (reply, rest) = writer.await.unwrap();
+        assert_eq!(got, reply);
+        assert_eq!(rest, msg(b'X', b""));
+
+        let (traffic, ending) = task.await.unwrap().unwrap();
+        assert_eq!(ending, Ending::ClientTerminated);
+        assert_eq!(traffic.client_messages, 2);
+        assert_eq!(traffic.upstream_to_client, 200_000);
+    }
+
+    #[tokio::test]
+    async fn malformed_client_stream_is_stopped() {
+        let (mut client, mut proxy_client) = tokio::io::duplex(64);
+        let (mut proxy_up, mut server) = tokio::io::duplex(64);
+        let task = tokio::spawn(async move { forward(&mut proxy_client, &mut proxy_up).await });
+        client.write_all(&[b'Q', 0, 0, 0, 1]).await.unwrap();
+        let (_, err) = task.await.unwrap().unwrap_err();
+        assert!(
+            matches!(
+                err,
+                ForwardError::ClientProtocol(FrameError::TooShort { .. })
+            ),
+            "{err}"
+        );
+        // Nothing of the bad message reached the server.
+        drop(proxy_up_guard(&mut server).await);
+    }
+
+    async fn proxy_up_guard(server: &mut tokio::io::DuplexStream) -> Vec<u8> {
+        let mut rest = Vec::new();
+        server.read_to_end(&mut rest).await.unwrap();
+        assert!(rest.is_empty(), "{rest:?}");
+        rest
+    }
+}

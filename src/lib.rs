@@ -1,0 +1,36 @@
+//! rds-iam-proxy: a PostgreSQL proxy for Amazon Aurora / RDS IAM database
+//! authentication that ties every session to the person behind it.
+//!
+//! A connection's life, one module per stage (see ARCHITECTURE.md):
+//!
+//! - [`listener`]: TCP and unix listeners, accept loops.
+//! - [`handshake`]: SSLRequest / GSSENCRequest / direct TLS / CancelRequest,
+//!   then the StartupMessage.
+//! - [`identity`]: cached AWS credentials and the person's user name.
+//! - [`token`]: the SigV4-presigned RDS IAM token.
+//! - [`upstream`]: resolve, connect, verified TLS, log in with the token.
+//! - [`forward`]: both directions until the session ends.
+//! - [`cancel`]: proxy-issued cancel keys and their upstream targets.
+//!
+//! [`conn`] strings the stages together for one connection; [`app`] builds
+//! the shared context and runs the listeners. [`pg`] is the sans-I/O wire
+//! protocol, [`tls`] the two TLS configurations, [`error`] what a client is
+//! told when something fails.
+
+pub mod app;
+pub mod cancel;
+pub mod cli;
+pub mod config;
+pub mod conn;
+pub mod error;
+pub mod forward;
+pub mod handshake;
+pub mod identity;
+pub mod listener;
+pub mod local_ca;
+pub mod pg;
+pub mod secret;
+pub mod stream;
+pub mod tls;
+pub mod token;
+pub mod upstream;

@@ -1,0 +1,113 @@
+//! The accepting side: TCP and unix listeners and their accept loops.
+
+use std::io;
+use std::net::SocketAddr;
+use std::os::unix::fs::{DirBuilderExt, FileTypeExt, PermissionsExt};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::{TcpListener, UnixListener};
+use tokio::sync::watch;
+use tracing::{error, info};
+
+use crate::app::AppContext;
+use crate::conn::{self, Peer};
+use crate::stream::Socket;
+
+/// A bound listener.
+#[derive(Debug)]
+pub enum Listener {
+    Tcp(TcpListener),
+    Unix(UnixListener, PathBuf),
+}
+
+impl Listener {
+    /// Binds a TCP address.
+    pub async fn tcp(addr: SocketAddr) -> io::Result<Self> {
+        Ok(Listener::Tcp(TcpListener::bind(addr).await?))
+    }
+
+    /// Binds `dir/.s.PGSQL.<port>`, replacing a stale socket file. The
+    /// directory is created 0700 if missing; the socket file is 0600.
+    pub fn unix(dir: &std::path::Path, port: u16) -> io::Result<Self> {
+        if !dir.exists() {
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(dir)?;
+        }
+        let path = dir.join(format!(".s.PGSQL.{port}"));
+        if let Ok(meta) = std::fs::symlink_metadata(&path) {
+            if meta.file_type().is_socket() {
+                std::fs::remove_file(&path)?;
+            }
+        }
+        let listener = UnixListener::bind(&path)?;
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
+        Ok(Listener::Unix(listener, path))
+    }
+
+    /// What to print as "listening on".
+    pub fn describe(&self) -> String {
+        match self {
+            Listener::Tcp(l) => l.local_addr().map(|a| a.to_string()).unwrap_or_default(),
+            Listener::Unix(_, p) => p.display().to_string(),
+        }
+    }
+
+    /// Accepts until `shutdown` turns true, spawning a task per connection.
+    pub async fn serve(self, ctx: Arc<AppContext>, mut shutdown: watch::Receiver<bool>) {
+        let mut backoff = Duration::from_millis(5);
+        loop {
+            let accepted = tokio::select! {
+                _ = shutdown.wait_for(|s| *s) => break,
+                a = self.accept() => a,
+            };
+            match accepted {
+                Ok((socket, peer)) => {
+                    backoff = Duration::from_millis(5);
+                    tokio::spawn(conn::serve(ctx.clone(), socket, peer));
+                }
+                Err(e) => {
+                    // Out of file descriptors and the like: wait instead of
+                    // spinning on the same error.
+                    error!(listener = %self.describe(), error = %e, retry_in_ms = backoff.as_millis() as u64, "accept failed");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(1));
+                }
+            }
+        }
+        if let Listener::Unix(_, path) = &self {
+            let _ = std::fs::remove_file(path);
+        }
+        info!(listener = %self.describe(), "stopped accepting");
+    }
+
+    async fn accept(&self) -> io::Result<(Socket, Peer)> {
+        match self {
+            Listener::Tcp(l) => {
+                let (tcp, addr) = l.accept().await?;
+                let _ = tcp.set_nodelay(true);
+                let local = l.local_addr()?.ip().is_loopback();
+                Ok((
+                    Socket::Tcp(tcp),
+                    Peer {
+                        addr: addr.to_string(),
+                        plaintext_ok: local,
+                    },
+                ))
+            }
+            Listener::Unix(l, _) => {
+                let (unix, _) = l.accept().await?;
+                Ok((
+                    Socket::Unix(unix),
+                    Peer {
+                        addr: "unix".into(),
+                        plaintext_ok: true,
+                    },
+                ))
+            }
+        }
+    }
+}

@@ -1,0 +1,33 @@
+use anyhow::Context;
+use clap::Parser;
+use rds_iam_proxy::cli::{Cli, LogFormat};
+use rds_iam_proxy::config::Config;
+use tracing_subscriber::EnvFilter;
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    init_tracing(cli.log_format);
+    let home = std::env::var_os("HOME").map(Into::into);
+    let xdg = std::env::var_os("XDG_STATE_HOME").map(Into::into);
+    let config = Config::from_cli(&cli, home, xdg)?;
+    // Two cores are typical for a proxy host; more threads than cores only
+    // add handoffs between them.
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    runtime.block_on(rds_iam_proxy::app::run(config))?;
+    Ok(())
+}
+
+fn init_tracing(format: LogFormat) {
+    let filter =
+        EnvFilter::try_from_env("RDS_IAM_PROXY_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
