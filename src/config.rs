@@ -71,15 +71,15 @@ impl Config {
         let (host, port) = split_host_port(&cli.upstream, DEFAULT_PORT)
             .ok_or_else(|| ConfigError::BadUpstream(cli.upstream.clone()))?;
         let host = host.to_ascii_lowercase();
-        if let Some(c) = &cli.connect_to {
-            if split_host_port(c, 0).is_none_or(|(_, p)| p == 0) {
-                return Err(ConfigError::BadConnectTo(c.clone()));
-            }
+        if let Some(c) = &cli.connect_to
+            && split_host_port(c, 0).is_none_or(|(_, p)| p == 0)
+        {
+            return Err(ConfigError::BadConnectTo(c.clone()));
         }
-        if let Some(r) = &cli.region {
-            if !valid_region(r) {
-                return Err(ConfigError::BadRegion(r.clone()));
-            }
+        if let Some(r) = &cli.region
+            && !valid_region(r)
+        {
+            return Err(ConfigError::BadRegion(r.clone()));
         }
         if cli.listen.is_empty() && cli.unix_socket.is_none() {
             return Err(ConfigError::NoListener);

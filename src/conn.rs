@@ -112,7 +112,7 @@ async fn run(ctx: Arc<AppContext>, socket: Socket, peer: Peer) {
         info!(
             person = %identity.user_name,
             upstream = %addr,
-            client_tls = stream.tls_summary().as_deref().unwrap_or("none"),
+            client_tls = %stream.tls_summary().as_deref().unwrap_or("none"),
             upstream_tls = %up_tls,
             login_ms = started.elapsed().as_millis() as u64,
             "session started"

@@ -197,16 +197,16 @@ where
                 r?;
             }
         }
-        if !down.done {
-            if let Poll::Ready(r) = down.poll_pump(
+        if !down.done
+            && let Poll::Ready(r) = down.poll_pump(
                 cx,
                 Pin::new(&mut *upstream),
                 Pin::new(&mut *client),
                 Side::Upstream,
                 |_| Ok(()),
-            ) {
-                r?;
-            }
+            )
+        {
+            r?;
         }
         // The server's side ending ends the session; the client's side
         // ending waits for the server to finish answering.

@@ -38,10 +38,10 @@ impl Listener {
                 .create(dir)?;
         }
         let path = dir.join(format!(".s.PGSQL.{port}"));
-        if let Ok(meta) = std::fs::symlink_metadata(&path) {
-            if meta.file_type().is_socket() {
-                std::fs::remove_file(&path)?;
-            }
+        if let Ok(meta) = std::fs::symlink_metadata(&path)
+            && meta.file_type().is_socket()
+        {
+            std::fs::remove_file(&path)?;
         }
         let listener = UnixListener::bind(&path)?;
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;

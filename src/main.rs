@@ -1,3 +1,5 @@
+use std::io::IsTerminal;
+
 use anyhow::Context;
 use clap::Parser;
 use rds_iam_proxy::cli::{Cli, LogFormat};
@@ -25,6 +27,7 @@ fn init_tracing(format: LogFormat) {
         EnvFilter::try_from_env("RDS_IAM_PROXY_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr);
     match format {
         LogFormat::Text => builder.init(),

@@ -87,10 +87,10 @@ impl IdentityService {
     pub async fn current(&self) -> Result<(Credentials, Arc<Identity>), IdentityError> {
         let creds = self.creds.get().await?;
         let mut caller = self.caller.lock().await;
-        if let Some(id) = caller.as_ref() {
-            if id.access_key_id == creds.access_key_id() {
-                return Ok((creds, id.clone()));
-            }
+        if let Some(id) = caller.as_ref()
+            && id.access_key_id == creds.access_key_id()
+        {
+            return Ok((creds, id.clone()));
         }
         let out = self
             .sts

@@ -56,11 +56,12 @@ fn field(b: &mut BytesMut, code: u8, value: &str) {
     b.put_u8(0);
 }
 
-/// Appends NegotiateProtocolVersion: the newest minor version supported and
-/// the protocol options not recognised.
+/// Appends NegotiateProtocolVersion: the newest version supported and the
+/// protocol options not recognised. The version goes out as the full code
+/// (major << 16 | minor), as PostgreSQL sends it and libpq reads it.
 pub fn write_negotiate_version(out: &mut BytesMut, minor: u16, unrecognised: &[String]) {
     write_message(out, b'v', |b| {
-        b.put_u32(u32::from(minor));
+        b.put_u32((3 << 16) | u32::from(minor));
         b.put_u32(unrecognised.len() as u32);
         for o in unrecognised {
             b.put_slice(o.as_bytes());
@@ -122,10 +123,11 @@ pub fn parse_backend_key(body: &[u8]) -> Option<(u32, &[u8])> {
     Some((u32::from_be_bytes(*pid), secret))
 }
 
-/// The newest minor version in a NegotiateProtocolVersion body.
+/// The newest minor version in a NegotiateProtocolVersion body, whose
+/// first field is a full protocol code of major version 3.
 pub fn parse_negotiate_version(body: &[u8]) -> Option<u16> {
-    body.first_chunk::<4>()
-        .and_then(|c| u16::try_from(u32::from_be_bytes(*c)).ok())
+    let code = u32::from_be_bytes(*body.first_chunk::<4>()?);
+    (code >> 16 == 3).then_some(code as u16)
 }
 
 /// The fields of an ErrorResponse or NoticeResponse body, as sent.
@@ -198,7 +200,8 @@ mod tests {
     fn negotiate_version_layout() {
         let mut out = BytesMut::new();
         write_negotiate_version(&mut out, 2, &["_pq_.x".into()]);
-        assert_eq!(&out[..], b"v\0\0\0\x13\0\0\0\x02\0\0\0\x01_pq_.x\0");
+        assert_eq!(&out[..], b"v\0\0\0\x13\0\x03\0\x02\0\0\0\x01_pq_.x\0");
         assert_eq!(parse_negotiate_version(&out[5..]), Some(2));
+        assert_eq!(parse_negotiate_version(&[0, 0, 0, 2]), None);
     }
 }

@@ -1,0 +1,605 @@
+//! The proxy end to end against the test bed, with real clients: psql,
+//! pgbench, tokio-postgres and a raw client for what real ones never send.
+
+mod support;
+
+use std::process::Stdio;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use support::bed::{AwsHome, Bed};
+use support::proxy::{Proxy, clean_pg_env, run};
+use support::raw;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+/// Creates an IAM database user once per test process; tests run in
+/// parallel and CREATE ROLE races with itself.
+fn create_user(bed: &Bed, user: &str) {
+    static CREATED: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
+    let mut created = CREATED.lock().unwrap();
+    if !created.iter().any(|u| u == user) {
+        bed.create_iam_user(user);
+        created.push(user.to_owned());
+    }
+}
+
+/// The shared bed plus an SSO home for `user` (an IAM database user).
+fn sso_setup(test: &str, user: &str) -> Option<(&'static Bed, AwsHome)> {
+    let bed = Bed::shared(test)?;
+    create_user(bed, user);
+    Some((bed, AwsHome::sso(bed, user, "DatabaseAdmin")))
+}
+
+fn verifier_lines_for(bed: &Bed, user: &str) -> usize {
+    let needle = format!("user='{user}'");
+    bed.verifier_log()
+        .lines()
+        .filter(|l| l.contains(&needle))
+        .count()
+}
+
+const SSL_CHECK: &str =
+    "select current_user || '|' || (select ssl from pg_stat_ssl where pid = pg_backend_pid())";
+
+#[test]
+fn psql_through_proxy_with_every_sslmode() {
+    let Some((bed, home)) = sso_setup("psql_through_proxy_with_every_sslmode", "arianna") else {
+        return;
+    };
+    let proxy = Proxy::builder(bed, &home).start();
+    for mode in [
+        "sslmode=disable",
+        "sslmode=prefer",
+        "sslmode=require",
+        "sslmode=verify-full",
+    ] {
+        let (ok, out, err) = run(proxy.psql("arianna", mode).args(["-c", SSL_CHECK]));
+        assert!(ok, "{mode}: {err}\n{}", proxy.log());
+        // The upstream leg is TLS whatever the client chose.
+        assert_eq!(out.trim(), "arianna|true", "{mode}");
+    }
+    let log = proxy.log();
+    assert_eq!(log.matches("session started").count(), 4, "{log}");
+    assert_eq!(
+        log.matches("client_tls=none").count(),
+        1,
+        "only sslmode=disable is plaintext:\n{log}"
+    );
+    assert!(log.contains("client_tls=TLSv1_3"), "{log}");
+}
+
+#[test]
+fn unix_socket_and_application_name_reach_the_server() {
+    let Some((bed, home)) = sso_setup(
+        "unix_socket_and_application_name_reach_the_server",
+        "arianna",
+    ) else {
+        return;
+    };
+    let proxy = Proxy::builder(bed, &home).unix_socket().start();
+    let dir = proxy.unix_dir.clone().unwrap();
+    let mut cmd = std::process::Command::new("psql");
+    clean_pg_env(&mut cmd);
+    let conninfo = format!(
+        "host={} port=5432 user=arianna dbname=mylab application_name=e2e-app",
+        dir.display()
+    );
+    let (ok, out, err) = run(cmd.args([
+        conninfo.as_str(),
+        "-X",
+        "-A",
+        "-t",
+        "-c",
+        "select current_setting('application_name')",
+    ]));
+    assert!(ok, "{err}\n{}", proxy.log());
+    assert_eq!(out.trim(), "e2e-app");
+    let mode = std::fs::metadata(dir.join(".s.PGSQL.5432")).unwrap();
+    assert_eq!(
+        std::os::unix::fs::PermissionsExt::mode(&mode.permissions()) & 0o777,
+        0o600
+    );
+}
+
+fn proxy_tls_config(proxy: &Proxy) -> rustls::ClientConfig {
+    let mut roots = rustls::RootCertStore::empty();
+    let pem = std::fs::read(proxy.ca_cert()).unwrap();
+    for cert in rustls_pki_types::CertificateDer::pem_slice_iter(&pem) {
+        roots.add(cert.unwrap()).unwrap();
+    }
+    rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::aws_lc_rs::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth()
+}
+
+use rustls_pki_types::pem::PemObject;
+
+async fn tokio_pg(
+    proxy: &Proxy,
+    user: &str,
+) -> Result<tokio_postgres::Client, tokio_postgres::Error> {
+    let tls = tokio_postgres_rustls::MakeRustlsConnect::new(proxy_tls_config(proxy));
+    let conninfo = format!(
+        "host=127.0.0.1 port={} user={user} dbname=mylab sslmode=require",
+        proxy.addr.port()
+    );
+    let (client, conn) = tokio_postgres::connect(&conninfo, tls).await?;
+    tokio::spawn(conn);
+    Ok(client)
+}
+
+#[tokio::test]
+async fn tokio_postgres_extended_protocol() {
+    let Some((bed, home)) = sso_setup("tokio_postgres_extended_protocol", "arianna") else {
+        return;
+    };
+    let proxy = Proxy::builder(bed, &home).start();
+    let client = tokio_pg(&proxy, "arianna").await.unwrap();
+    let stmt = client
+        .prepare("select $1::int + $2::int, current_user")
+        .await
+        .unwrap();
+    for i in 0..20 {
+        let row = client.query_one(&stmt, &[&i, &1000]).await.unwrap();
+        assert_eq!(row.get::<_, i32>(0), i + 1000);
+        assert_eq!(row.get::<_, String>(1), "arianna");
+    }
+    let rows = client
+        .query("select g from generate_series(1, 5000) g", &[])
+        .await
+        .unwrap();
+    assert_eq!(rows.len(), 5000);
+    assert_eq!(rows[4999].get::<_, i32>(0), 5000);
+}
+
+#[tokio::test]
+async fn someone_elses_user_is_refused_before_any_token_is_signed() {
+    let Some((bed, home)) = sso_setup(
+        "someone_elses_user_is_refused_before_any_token_is_signed",
+        "arianna",
+    ) else {
+        return;
+    };
+    create_user(bed, "mallory_target");
+    let proxy = Proxy::builder(bed, &home).start();
+    let before = verifier_lines_for(bed, "mallory_target");
+    let err = tokio_pg(&proxy, "mallory_target")
+        .await
+        .expect_err("must be refused");
+    let db = err.as_db_error().expect("a server error");
+    assert_eq!(
+        db.code(),
+        &tokio_postgres::error::SqlState::INVALID_AUTHORIZATION_SPECIFICATION
+    );
+    assert!(
+        db.message().contains("\"mallory_target\"") && db.message().contains("\"arianna\""),
+        "{}",
+        db.message()
+    );
+    assert_eq!(db.hint(), Some("connect as user \"arianna\""));
+    // Nothing reached the database for that user.
+    assert_eq!(verifier_lines_for(bed, "mallory_target"), before);
+    let log = proxy.wait_for_log("connection refused", Duration::from_secs(10));
+    assert!(!log.contains("session started"), "{log}");
+}
+
+#[test]
+fn session_token_credentials_and_no_secret_in_logs() {
+    let Some(bed) = Bed::shared("session_token_credentials_and_no_secret_in_logs") else {
+        return;
+    };
+    create_user(bed, "carol");
+    let creds = bed.mint_credentials("carol", "ReadOnly");
+    let secret = creds.secret_access_key.clone();
+    let session_token = creds
+        .session_token
+        .clone()
+        .expect("minted credentials carry a session token");
+    let home = AwsHome::static_keys(bed, &creds);
+    let proxy = Proxy::builder(bed, &home).start();
+    let (ok, out, err) = run(proxy.psql("carol", "").args(["-c", "select current_user"]));
+    assert!(ok, "{err}\n{}", proxy.log());
+    assert_eq!(out.trim(), "carol");
+    let (ok, _, err) = run(proxy.psql("carol", "").args(["-c", "select 1/0"]));
+    assert!(!ok && err.contains("division by zero"), "{err}");
+    let log = proxy.log();
+    assert!(log.contains("session started"), "{log}");
+    for needle in [
+        "X-Amz-Signature",
+        "X-Amz-Security-Token",
+        "Action=connect",
+        secret.as_str(),
+        session_token.as_str(),
+    ] {
+        assert!(!log.contains(needle), "the log contains {needle:?}:\n{log}");
+    }
+}
+
+#[test]
+fn pgbench_through_proxy() {
+    let Some((bed, home)) = sso_setup("pgbench_through_proxy", "benchuser") else {
+        return;
+    };
+    let proxy = Proxy::builder(bed, &home).start();
+    let pgbench = |args: &[&str]| {
+        let mut cmd = std::process::Command::new("pgbench");
+        clean_pg_env(&mut cmd);
+        cmd.env("PGHOST", "127.0.0.1")
+            .env("PGPORT", proxy.addr.port().to_string())
+            .env("PGUSER", "benchuser")
+            .env("PGDATABASE", "mylab")
+            .env("PGSSLMODE", "verify-full")
+            .env("PGSSLROOTCERT", proxy.ca_cert())
+            .args(args);
+        run(&mut cmd)
+    };
+    let (ok, _, err) = pgbench(&["-i", "-q", "-s", "1"]);
+    assert!(ok, "pgbench -i: {err}\n{}", proxy.log());
+    for mode in ["simple", "extended", "prepared"] {
+        let (ok, out, err) = pgbench(&["-c", "4", "-j", "2", "-t", "50", "-M", mode]);
+        assert!(ok, "{mode}: {err}");
+        assert!(
+            out.contains("number of transactions actually processed: 200/200"),
+            "{mode}: {out}"
+        );
+        assert!(
+            out.contains("number of failed transactions: 0"),
+            "{mode}: {out}"
+        );
+    }
+    // A new connection for every transaction: each one a fresh IAM login.
+    let (ok, out, err) = pgbench(&["-C", "-c", "2", "-t", "10", "-S"]);
+    assert!(ok, "-C: {err}");
+    assert!(out.contains("processed: 20/20"), "{out}");
+}
+
+#[tokio::test]
+async fn upstream_unreachable_is_08001() {
+    let Some((bed, home)) = sso_setup("upstream_unreachable_is_08001", "arianna") else {
+        return;
+    };
+    // A port nobody listens on: bind, note, close.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let proxy = Proxy::builder(bed, &home)
+        .arg("--connect-to", format!("127.0.0.1:{port}"))
+        .start();
+    let err = tokio_pg(&proxy, "arianna").await.expect_err("must fail");
+    let db = err.as_db_error().expect("a server error");
+    assert_eq!(
+        db.code(),
+        &tokio_postgres::error::SqlState::SQLCLIENT_UNABLE_TO_ESTABLISH_SQLCONNECTION
+    );
+    assert!(
+        db.message().contains("cannot reach the database endpoint"),
+        "{}",
+        db.message()
+    );
+}
+
+#[tokio::test]
+async fn upstream_certificate_must_match_ca_and_name() {
+    let Some((bed, home)) = sso_setup("upstream_certificate_must_match_ca_and_name", "tlscheck")
+    else {
+        return;
+    };
+    let accepted_before = verifier_lines_for(bed, "tlscheck");
+    // The server's certificate is not from this CA.
+    let proxy = Proxy::builder(bed, &home)
+        .arg("--upstream-ca", &bed.info.other_ca_cert)
+        .start();
+    let err = tokio_pg(&proxy, "tlscheck").await.expect_err("must fail");
+    let db = err.as_db_error().expect("a server error");
+    assert_eq!(db.code().code(), "08001");
+    assert!(
+        db.message().contains("TLS verification"),
+        "{}",
+        db.message()
+    );
+    assert!(db.message().contains("UnknownIssuer"), "{}", db.message());
+    drop(proxy);
+    // The right CA, but the endpoint name is not on the certificate.
+    let proxy = Proxy::builder(bed, &home)
+        .arg(
+            "--upstream",
+            "other.cluster-c0ffee.eu-west-1.rds.amazonaws.com:5432",
+        )
+        .start();
+    let err = tokio_pg(&proxy, "tlscheck").await.expect_err("must fail");
+    let db = err.as_db_error().expect("a server error");
+    assert_eq!(db.code().code(), "08001");
+    assert!(
+        db.message().contains("not valid for name"),
+        "{}",
+        db.message()
+    );
+    // No token was offered to a server that failed verification.
+    assert_eq!(verifier_lines_for(bed, "tlscheck"), accepted_before);
+}
+
+#[test]
+fn psql_cancel_reaches_the_right_session() {
+    let Some((bed, home)) = sso_setup("psql_cancel_reaches_the_right_session", "arianna") else {
+        return;
+    };
+    let proxy = Proxy::builder(bed, &home).start();
+    let child = proxy
+        .psql("arianna", "application_name=cancel-me")
+        .args(["-c", "select pg_sleep(60)"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let active = "select count(*) from pg_stat_activity where application_name = 'cancel-me' and state = 'active'";
+    while bed.admin_sql(active).trim() != "1" {
+        assert!(Instant::now() < deadline, "the sleep never started");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let started = Instant::now();
+    let status = std::process::Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("canceling statement due to user request"),
+        "{stderr}\n{}",
+        proxy.log()
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(30),
+        "cancel did not end the 60 s sleep"
+    );
+    assert!(proxy.log().contains("cancel request forwarded"));
+}
+
+#[tokio::test]
+async fn unknown_cancel_keys_are_ignored() {
+    let Some((bed, home)) = sso_setup("unknown_cancel_keys_are_ignored", "arianna") else {
+        return;
+    };
+    let proxy = Proxy::builder(bed, &home).start();
+    let client = tokio_pg(&proxy, "arianna").await.unwrap();
+    let pid: i32 = client
+        .query_one("select pg_backend_pid()", &[])
+        .await
+        .unwrap()
+        .get(0);
+    // The right pid with a guessed secret, as a hostile local process would.
+    let mut s = TcpStream::connect(proxy.addr).await.unwrap();
+    let mut cancel = vec![0, 0, 0, 16, 0x04, 0xd2, 0x16, 0x2e];
+    cancel.extend_from_slice(&(pid as u32).to_be_bytes());
+    cancel.extend_from_slice(&[1, 2, 3, 4]);
+    s.write_all(&cancel).await.unwrap();
+    proxy.wait_for_log(
+        "cancel request with an unknown key ignored",
+        Duration::from_secs(10),
+    );
+    // The session's query runs to completion.
+    let row = client
+        .query_one("select pg_sleep(0.3)::text", &[])
+        .await
+        .unwrap();
+    assert_eq!(row.get::<_, String>(0), "");
+}
+
+fn vm_hwm_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let line = status.lines().find(|l| l.starts_with("VmHWM:")).unwrap();
+    line.split_whitespace().nth(1).unwrap().parse().unwrap()
+}
+
+#[test]
+fn large_result_streams_with_flat_memory() {
+    let Some((bed, home)) = sso_setup("large_result_streams_with_flat_memory", "arianna") else {
+        return;
+    };
+    let proxy = Proxy::builder(bed, &home).start();
+    // Warm up (TLS, identity) so the baseline includes the fixed costs.
+    let (ok, _, err) = run(proxy.psql("arianna", "").args(["-c", "select 1"]));
+    assert!(ok, "{err}");
+    let baseline = vm_hwm_kib(proxy.pid());
+    const ROWS: u64 = 250_000;
+    let mut child = proxy
+        .psql("arianna", "")
+        .args([
+            "-c",
+            &format!("copy (select repeat('x', 1000) from generate_series(1, {ROWS})) to stdout"),
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdout = child.stdout.take().unwrap();
+    let total = std::io::copy(&mut stdout, &mut std::io::sink()).unwrap();
+    assert!(child.wait().unwrap().success());
+    assert_eq!(total, ROWS * 1001, "every byte arrived");
+    let peak = vm_hwm_kib(proxy.pid());
+    // 250 MB went through; the proxy's peak grew by less than 16 MiB.
+    assert!(
+        peak < baseline + 16 * 1024,
+        "peak {peak} KiB vs baseline {baseline} KiB"
+    );
+}
+
+#[tokio::test]
+async fn plaintext_is_refused_on_a_non_loopback_listener() {
+    let Some((bed, home)) = sso_setup("plaintext_is_refused_on_a_non_loopback_listener", "arianna")
+    else {
+        return;
+    };
+    let proxy = Proxy::builder(bed, &home)
+        .arg("--listen", "0.0.0.0:0")
+        .start();
+    let port = proxy.addr.port();
+    let (ok, _, err) = run(proxy
+        .psql("arianna", &format!("port={port} sslmode=disable"))
+        .args(["-c", "select 1"]));
+    assert!(!ok);
+    assert!(err.contains("accepts only TLS connections"), "{err}");
+    let (ok, out, err) = run(proxy
+        .psql("arianna", &format!("port={port} sslmode=require"))
+        .args(["-c", "select 7"]));
+    assert!(ok, "{err}");
+    assert_eq!(out.trim(), "7");
+}
+
+#[tokio::test]
+async fn bytes_after_ssl_request_are_never_processed() {
+    let Some((bed, home)) = sso_setup("bytes_after_ssl_request_are_never_processed", "arianna")
+    else {
+        return;
+    };
+    let proxy = Proxy::builder(bed, &home).start();
+    let mut s = TcpStream::connect(proxy.addr).await.unwrap();
+    let mut packet = raw::SSL_REQUEST.to_vec();
+    packet.extend(raw::startup_packet(
+        0,
+        &[("user", "arianna"), ("database", "mylab")],
+    ));
+    s.write_all(&packet).await.unwrap();
+    let mut answer = [0u8; 1];
+    s.read_exact(&mut answer).await.unwrap();
+    assert_eq!(&answer, b"S");
+    // The injected startup packet is fed to the TLS handshake, which fails.
+    let mut rest = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut rest))
+        .await
+        .unwrap();
+    assert!(!rest.contains(&b'R'), "no authentication message: {rest:?}");
+    let log = proxy.wait_for_log(
+        "TLS handshake with the client failed",
+        Duration::from_secs(10),
+    );
+    assert!(!log.contains("session started"), "{log}");
+}
+
+#[tokio::test]
+async fn malformed_startups_get_protocol_errors() {
+    let Some((bed, home)) = sso_setup("malformed_startups_get_protocol_errors", "arianna") else {
+        return;
+    };
+    let proxy = Proxy::builder(bed, &home).start();
+    let cases: Vec<(Vec<u8>, &str, &str)> = vec![
+        (
+            10_001u32.to_be_bytes().to_vec(),
+            "08P01",
+            "startup packet length 10001",
+        ),
+        (
+            raw::startup_packet(0, &[("database", "mylab")]),
+            "08P01",
+            "no database user name",
+        ),
+        (
+            raw::startup_packet(0, &[("user", "arianna"), ("user", "bob")]),
+            "08P01",
+            "appears twice",
+        ),
+        (
+            [0, 0, 0, 8, 0, 2, 0, 0].to_vec(),
+            "08P01",
+            "unsupported frontend protocol 2.0",
+        ),
+        (
+            raw::startup_packet(0, &[("user", "arianna"), ("replication", "database")]),
+            "0A000",
+            "replication connections are not supported",
+        ),
+    ];
+    for (packet, code, text) in cases {
+        let mut s = TcpStream::connect(proxy.addr).await.unwrap();
+        s.write_all(&packet).await.unwrap();
+        let (tag, body) = raw::read_message(&mut s).await.expect("an answer");
+        assert_eq!(tag, b'E', "{text}");
+        let (got_code, message) = raw::error_fields(&body);
+        assert_eq!(got_code, code, "{message}");
+        assert!(message.contains(text), "{message}");
+    }
+}
+
+#[tokio::test]
+async fn newer_protocol_versions_are_negotiated_down() {
+    let Some((bed, home)) = sso_setup("newer_protocol_versions_are_negotiated_down", "arianna")
+    else {
+        return;
+    };
+    let proxy = Proxy::builder(bed, &home).start();
+    let mut s = TcpStream::connect(proxy.addr).await.unwrap();
+    s.write_all(&raw::startup_packet(
+        9,
+        &[
+            ("user", "arianna"),
+            ("database", "mylab"),
+            ("_pq_.fancy", "on"),
+        ],
+    ))
+    .await
+    .unwrap();
+    let msgs = raw::read_until_ready(&mut s).await;
+    let tags: Vec<u8> = msgs.iter().map(|(t, _)| *t).collect();
+    if let Some((b'E', body)) = msgs.first() {
+        panic!("refused: {:?}\n{}", raw::error_fields(body), proxy.log());
+    }
+    assert_eq!(tags.first(), Some(&b'v'), "{tags:?}");
+    let v = &msgs[0].1;
+    // PostgreSQL 15 speaks 3.0; the unknown option is reported back.
+    assert_eq!(&v[..8], &[0, 3, 0, 0, 0, 0, 0, 1]);
+    assert_eq!(&v[8..], b"_pq_.fancy\0");
+    assert!(
+        tags.contains(&b'K') && tags.last() == Some(&b'Z'),
+        "{tags:?}"
+    );
+    assert_eq!(
+        raw::simple_query(&mut s, "select current_user").await,
+        ["arianna"]
+    );
+}
+
+#[tokio::test]
+async fn direct_tls_needs_alpn() {
+    let Some((bed, home)) = sso_setup("direct_tls_needs_alpn", "arianna") else {
+        return;
+    };
+    let proxy = Proxy::builder(bed, &home).start();
+    let name = rustls_pki_types::ServerName::try_from("localhost").unwrap();
+    // With ALPN "postgresql", as PostgreSQL 17's sslnegotiation=direct does.
+    let mut config = proxy_tls_config(&proxy);
+    config.alpn_protocols = vec![b"postgresql".to_vec()];
+    let tcp = TcpStream::connect(proxy.addr).await.unwrap();
+    let mut tls = tokio_rustls::TlsConnector::from(Arc::new(config))
+        .connect(name.clone(), tcp)
+        .await
+        .unwrap();
+    tls.write_all(&raw::startup_packet(
+        0,
+        &[("user", "arianna"), ("database", "mylab")],
+    ))
+    .await
+    .unwrap();
+    let msgs = raw::read_until_ready(&mut tls).await;
+    assert_eq!(msgs.last().map(|m| m.0), Some(b'Z'), "{msgs:?}");
+    assert_eq!(raw::simple_query(&mut tls, "select 40 + 2").await, ["42"]);
+    // Without ALPN the proxy refuses, as PostgreSQL does.
+    let tcp = TcpStream::connect(proxy.addr).await.unwrap();
+    let mut tls = tokio_rustls::TlsConnector::from(Arc::new(proxy_tls_config(&proxy)))
+        .connect(name, tcp)
+        .await
+        .unwrap();
+    let (tag, body) = raw::read_message(&mut tls).await.expect("an error");
+    assert_eq!(tag, b'E');
+    let (code, message) = raw::error_fields(&body);
+    assert_eq!(code, "08P01");
+    assert!(message.contains("ALPN"), "{message}");
+}

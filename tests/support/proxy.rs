@@ -1,0 +1,242 @@
+//! The proxy binary as a child process of a test, pointed at the bed.
+//!
+//! Readiness is read from the proxy's own log ("listening on ADDR"), with a
+//! deadline; the log is kept in memory so tests can assert on it (and on
+//! what must never be in it).
+
+#![allow(dead_code)] // each test binary uses a different part of this module
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use super::bed::{AwsHome, Bed, unique_temp_path};
+
+const READY_DEADLINE: Duration = Duration::from_secs(30);
+
+/// A running proxy.
+pub struct Proxy {
+    child: Child,
+    log: Arc<Mutex<String>>,
+    /// The first TCP listener.
+    pub addr: SocketAddr,
+    /// Unix socket directory, when one was asked for.
+    pub unix_dir: Option<PathBuf>,
+    /// The state directory (holds the generated local CA).
+    pub state_dir: PathBuf,
+}
+
+/// Builds a proxy command line for the bed.
+pub struct ProxyBuilder {
+    cmd: Command,
+    args: Vec<(String, std::ffi::OsString)>,
+    state_dir: PathBuf,
+    unix_dir: Option<PathBuf>,
+}
+
+impl ProxyBuilder {
+    /// The proxy for the bed's endpoint name, dialling the bed's PostgreSQL,
+    /// trusting the bed's CA, on a free loopback port, with `home`'s AWS
+    /// identity and every AWS endpoint redirected into the bed.
+    pub fn new(bed: &Bed, home: &AwsHome) -> Self {
+        let i = &bed.info;
+        let state_dir = unique_temp_path("rdsiam-proxy-state");
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_rds-iam-proxy"));
+        home.apply(&mut cmd);
+        for (k, _) in std::env::vars_os() {
+            if k.to_string_lossy().starts_with("RDS_IAM_PROXY_") {
+                cmd.env_remove(k);
+            }
+        }
+        cmd.env("RDS_IAM_PROXY_LOG", "info,rds_iam_proxy=debug");
+        let args = [
+            (
+                "--upstream",
+                format!("{}:{}", i.endpoint_host, i.endpoint_port).into(),
+            ),
+            ("--connect-to", format!("127.0.0.1:{}", i.pg_port).into()),
+            ("--upstream-ca", i.ca_cert.clone().into_os_string()),
+            ("--listen", "127.0.0.1:0".into()),
+            ("--state-dir", state_dir.clone().into_os_string()),
+        ];
+        ProxyBuilder {
+            cmd,
+            args: args.into_iter().map(|(k, v)| (k.to_owned(), v)).collect(),
+            state_dir,
+            unix_dir: None,
+        }
+    }
+
+    /// Sets a flag, replacing the default value it had here.
+    pub fn arg(mut self, flag: &str, value: impl AsRef<std::ffi::OsStr>) -> Self {
+        let value = value.as_ref().to_owned();
+        match self.args.iter_mut().find(|(k, _)| k == flag) {
+            Some(slot) => slot.1 = value,
+            None => self.args.push((flag.to_owned(), value)),
+        }
+        self
+    }
+
+    /// Drops a default flag.
+    pub fn without(mut self, flag: &str) -> Self {
+        self.args.retain(|(k, _)| k != flag);
+        self
+    }
+
+    /// Also listen on a unix socket in a fresh directory.
+    pub fn unix_socket(mut self) -> Self {
+        let dir = unique_temp_path("rdsiam-sock");
+        self.cmd.arg("--unix-socket").arg(&dir);
+        self.unix_dir = Some(dir);
+        self
+    }
+
+    pub fn start(mut self) -> Proxy {
+        for (k, v) in &self.args {
+            self.cmd.arg(k).arg(v);
+        }
+        let mut child = self
+            .cmd
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn rds-iam-proxy");
+        let log = Arc::new(Mutex::new(String::new()));
+        let stderr = child.stderr.take().expect("piped stderr");
+        let sink = log.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                let mut l = sink.lock().unwrap();
+                l.push_str(&line);
+                l.push('\n');
+            }
+        });
+        let deadline = Instant::now() + READY_DEADLINE;
+        let addr = loop {
+            if let Some(addr) = listening_addr(&log.lock().unwrap()) {
+                break addr;
+            }
+            if let Ok(Some(status)) = child.try_wait() {
+                panic!(
+                    "proxy exited ({status}) before listening:\n{}",
+                    log.lock().unwrap()
+                );
+            }
+            assert!(
+                Instant::now() < deadline,
+                "proxy not listening after {READY_DEADLINE:?}:\n{}",
+                log.lock().unwrap()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        Proxy {
+            child,
+            log,
+            addr,
+            unix_dir: self.unix_dir,
+            state_dir: self.state_dir,
+        }
+    }
+}
+
+fn listening_addr(log: &str) -> Option<SocketAddr> {
+    log.lines()
+        .filter_map(|l| l.split("listening on ").nth(1))
+        .filter_map(|rest| rest.split_whitespace().next())
+        .find_map(|a| a.parse().ok())
+}
+
+impl Proxy {
+    pub fn builder(bed: &Bed, home: &AwsHome) -> ProxyBuilder {
+        ProxyBuilder::new(bed, home)
+    }
+
+    /// Everything the proxy logged so far.
+    pub fn log(&self) -> String {
+        self.log.lock().unwrap().clone()
+    }
+
+    /// Waits until the log contains `needle`.
+    pub fn wait_for_log(&self, needle: &str, within: Duration) -> String {
+        let deadline = Instant::now() + within;
+        loop {
+            let log = self.log();
+            if log.contains(needle) {
+                return log;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no {needle:?} in the proxy log after {within:?}:\n{log}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// The CA that clients verify the proxy with.
+    pub fn ca_cert(&self) -> PathBuf {
+        self.state_dir.join("ca.crt")
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// psql through the proxy, `user` to the bed's database, with no
+    /// password and a clean libpq environment. `extra` is appended to the
+    /// connection string (e.g. "sslmode=disable").
+    pub fn psql(&self, user: &str, extra: &str) -> Command {
+        let conninfo = format!(
+            "host=127.0.0.1 port={} user={user} dbname=mylab sslmode=verify-full sslrootcert={} {extra}",
+            self.addr.port(),
+            self.ca_cert().display()
+        );
+        let mut cmd = Command::new("psql");
+        clean_pg_env(&mut cmd);
+        cmd.env("PGCONNECT_TIMEOUT", "20")
+            .args([
+                conninfo.as_str(),
+                "-X",
+                "-q",
+                "-A",
+                "-t",
+                "-v",
+                "ON_ERROR_STOP=1",
+            ])
+            .stdin(Stdio::null());
+        cmd
+    }
+}
+
+/// Removes inherited PG* variables so only the test's settings count.
+pub fn clean_pg_env(cmd: &mut Command) {
+    for (k, _) in std::env::vars_os() {
+        if k.to_string_lossy().starts_with("PG") {
+            cmd.env_remove(k);
+        }
+    }
+}
+
+/// Runs a command and returns (success, stdout, stderr).
+pub fn run(cmd: &mut Command) -> (bool, String, String) {
+    let out = cmd.output().expect("run command");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.state_dir);
+        if let Some(d) = &self.unix_dir {
+            let _ = std::fs::remove_dir_all(d);
+        }
+    }
+}
