@@ -4,7 +4,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use clap::{Parser, ValueEnum};
+use clap::{Args, Parser, Subcommand, ValueEnum};
 
 /// A PostgreSQL proxy for Amazon Aurora / RDS IAM database authentication.
 ///
@@ -12,13 +12,69 @@ use clap::{Parser, ValueEnum};
 /// your AWS session, refuses any database user that is not yours, signs a
 /// fresh 15-minute IAM token for every connection, connects to the cluster
 /// over verified TLS and forwards the PostgreSQL protocol.
+///
+/// Without a subcommand, runs the proxy.
 #[derive(Debug, Clone, Parser)]
-#[command(name = "rds-iam-proxy", version, about, long_about)]
+#[command(
+    name = "rds-iam-proxy",
+    version,
+    about,
+    long_about,
+    args_conflicts_with_subcommands = true,
+    subcommand_negates_reqs = true
+)]
 pub struct Cli {
-    /// The Aurora/RDS endpoint name: tokens are signed for it and the
-    /// server certificate must name it. Port 5432 unless given.
+    #[command(subcommand)]
+    pub command: Option<Command>,
+
+    #[command(flatten)]
+    pub proxy: ProxyArgs,
+}
+
+/// Commands besides running the proxy.
+#[derive(Debug, Clone, Subcommand)]
+pub enum Command {
+    /// Print an IAM auth token, like `aws rds generate-db-auth-token`, after
+    /// the same identity check the proxy makes.
+    Token(TokenArgs),
+}
+
+/// AWS identity options shared by the proxy and the subcommands.
+#[derive(Debug, Clone, Args)]
+pub struct AwsArgs {
+    /// AWS region for signing [default: from the endpoint name
+    /// (*.REGION.rds.amazonaws.com), else the AWS configuration].
+    #[arg(long, env = "RDS_IAM_PROXY_REGION")]
+    pub region: Option<String>,
+
+    /// AWS profile (SSO profiles included) [default: AWS_PROFILE, else the
+    /// standard credential chain].
+    #[arg(long, env = "RDS_IAM_PROXY_PROFILE")]
+    pub profile: Option<String>,
+}
+
+/// `rds-iam-proxy token`.
+#[derive(Debug, Clone, Args)]
+pub struct TokenArgs {
+    /// The endpoint name the token is for. Port 5432 unless given.
     #[arg(long, env = "RDS_IAM_PROXY_UPSTREAM", value_name = "HOST[:PORT]")]
     pub upstream: String,
+
+    /// Database user [default: your own user name; any other is refused].
+    #[arg(long)]
+    pub user: Option<String>,
+
+    #[command(flatten)]
+    pub aws: AwsArgs,
+}
+
+/// The proxy's own options.
+#[derive(Debug, Clone, Args)]
+pub struct ProxyArgs {
+    /// The Aurora/RDS endpoint name: tokens are signed for it and the
+    /// server certificate must name it. Port 5432 unless given. Required.
+    #[arg(long, env = "RDS_IAM_PROXY_UPSTREAM", value_name = "HOST[:PORT]")]
+    pub upstream: Option<String>,
 
     /// Address to listen on; repeat for several. Plaintext is accepted only
     /// on loopback addresses.
@@ -46,15 +102,8 @@ pub struct Cli {
     #[arg(long, env = "RDS_IAM_PROXY_UPSTREAM_CA", value_name = "PEM")]
     pub upstream_ca: Option<PathBuf>,
 
-    /// AWS region for signing [default: from the endpoint name
-    /// (*.REGION.rds.amazonaws.com), else the AWS configuration].
-    #[arg(long, env = "RDS_IAM_PROXY_REGION")]
-    pub region: Option<String>,
-
-    /// AWS profile (SSO profiles included) [default: AWS_PROFILE, else the
-    /// standard credential chain].
-    #[arg(long, env = "RDS_IAM_PROXY_PROFILE")]
-    pub profile: Option<String>,
+    #[command(flatten)]
+    pub aws: AwsArgs,
 
     /// Certificate chain (PEM) shown to clients [default: a local CA and
     /// localhost certificate made on first run in the state directory].

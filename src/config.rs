@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use thiserror::Error;
 
-use crate::cli::{Cli, LogFormat};
+use crate::cli::{LogFormat, ProxyArgs};
 use crate::tls::UpstreamCa;
 
 /// Default PostgreSQL port.
@@ -50,6 +50,10 @@ pub enum ClientTls {
 
 #[derive(Debug, Error, PartialEq, Eq)]
 pub enum ConfigError {
+    #[error(
+        "--upstream is required: the Aurora endpoint name, e.g. mydb.cluster-abc.eu-west-1.rds.amazonaws.com"
+    )]
+    NoUpstream,
     #[error("--upstream {0:?}: expected HOST or HOST:PORT")]
     BadUpstream(String),
     #[error("--connect-to {0:?}: expected HOST:PORT")]
@@ -64,23 +68,18 @@ impl Config {
     /// Validates the command line. `home`/`xdg_state_home` come from the
     /// environment and are passed in so this stays pure.
     pub fn from_cli(
-        cli: &Cli,
+        cli: &ProxyArgs,
         home: Option<PathBuf>,
         xdg_state_home: Option<PathBuf>,
     ) -> Result<Self, ConfigError> {
-        let (host, port) = split_host_port(&cli.upstream, DEFAULT_PORT)
-            .ok_or_else(|| ConfigError::BadUpstream(cli.upstream.clone()))?;
-        let host = host.to_ascii_lowercase();
+        let upstream = cli.upstream.as_deref().ok_or(ConfigError::NoUpstream)?;
+        let (host, port) = parse_upstream(upstream)?;
         if let Some(c) = &cli.connect_to
             && split_host_port(c, 0).is_none_or(|(_, p)| p == 0)
         {
             return Err(ConfigError::BadConnectTo(c.clone()));
         }
-        if let Some(r) = &cli.region
-            && !valid_region(r)
-        {
-            return Err(ConfigError::BadRegion(r.clone()));
-        }
+        let region = resolve_region(cli.aws.region.as_deref(), &host)?;
         if cli.listen.is_empty() && cli.unix_socket.is_none() {
             return Err(ConfigError::NoListener);
         }
@@ -97,7 +96,7 @@ impl Config {
             },
         };
         Ok(Config {
-            region: cli.region.clone().or_else(|| region_from_host(&host)),
+            region,
             upstream_host: host,
             upstream_port: port,
             connect_to: cli.connect_to.clone(),
@@ -105,7 +104,7 @@ impl Config {
                 Some(p) => UpstreamCa::File(p.clone()),
                 None => UpstreamCa::RdsBundle,
             },
-            profile: cli.profile.clone(),
+            profile: cli.aws.profile.clone(),
             listen: cli.listen.clone(),
             unix_socket: cli.unix_socket.clone(),
             client_tls,
@@ -122,6 +121,23 @@ impl Config {
             Some(a) if a.port() != 0 => a.port(),
             _ => DEFAULT_PORT,
         }
+    }
+}
+
+/// The endpoint name (lowercase) and port of an `--upstream` value.
+pub fn parse_upstream(value: &str) -> Result<(String, u16), ConfigError> {
+    let (host, port) = split_host_port(value, DEFAULT_PORT)
+        .ok_or_else(|| ConfigError::BadUpstream(value.to_owned()))?;
+    Ok((host.to_ascii_lowercase(), port))
+}
+
+/// `--region` if given (checked), else the region in the endpoint name;
+/// `None` leaves it to the AWS configuration.
+pub fn resolve_region(flag: Option<&str>, host: &str) -> Result<Option<String>, ConfigError> {
+    match flag {
+        Some(r) if !valid_region(r) => Err(ConfigError::BadRegion(r.to_owned())),
+        Some(r) => Ok(Some(r.to_owned())),
+        None => Ok(region_from_host(host)),
     }
 }
 
@@ -176,8 +192,10 @@ mod tests {
     use super::*;
     use clap::Parser;
 
-    fn cli(args: &[&str]) -> Cli {
-        Cli::try_parse_from([&["rds-iam-proxy"], args].concat()).unwrap()
+    fn cli(args: &[&str]) -> ProxyArgs {
+        crate::cli::Cli::try_parse_from([&["rds-iam-proxy"], args].concat())
+            .unwrap()
+            .proxy
     }
 
     #[test]

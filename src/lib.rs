@@ -12,6 +12,8 @@
 //! - [`forward`]: both directions until the session ends.
 //! - [`cancel`]: proxy-issued cancel keys and their upstream targets.
 //!
+//! [`commands`] holds the subcommands (`token`, ...).
+//!
 //! [`conn`] strings the stages together for one connection; [`app`] builds
 //! the shared context and runs the listeners. [`pg`] is the sans-I/O wire
 //! protocol, [`tls`] the two TLS configurations, [`error`] what a client is
@@ -20,6 +22,7 @@
 pub mod app;
 pub mod cancel;
 pub mod cli;
+pub mod commands;
 pub mod config;
 pub mod conn;
 pub mod error;

@@ -603,3 +603,43 @@ async fn direct_tls_needs_alpn() {
     assert_eq!(code, "08P01");
     assert!(message.contains("ALPN"), "{message}");
 }
+
+#[test]
+fn token_subcommand_prints_a_token_the_database_accepts() {
+    let Some((bed, home)) = sso_setup(
+        "token_subcommand_prints_a_token_the_database_accepts",
+        "arianna",
+    ) else {
+        return;
+    };
+    let token_cmd = |extra: &[&str]| {
+        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_rds-iam-proxy"));
+        home.apply(&mut cmd);
+        cmd.args([
+            "token",
+            "--upstream",
+            &format!("{}:5432", bed.info.endpoint_host),
+        ])
+        .args(extra);
+        run(&mut cmd)
+    };
+    let (ok, token, err) = token_cmd(&[]);
+    assert!(ok, "{err}");
+    let token = token.trim();
+    assert!(
+        token.starts_with(&format!(
+            "{}:5432/?Action=connect&DBUser=arianna&",
+            bed.info.endpoint_host
+        )),
+        "{token}"
+    );
+    // The printed token logs in directly, as `aws rds generate-db-auth-token` output would.
+    let (ok, out, err) = run(bed
+        .psql("arianna", token)
+        .args(["-c", "select current_user"]));
+    assert!(ok, "{err}");
+    assert_eq!(out.trim(), "arianna");
+    let (ok, out, err) = token_cmd(&["--user", "bob"]);
+    assert!(!ok && out.is_empty());
+    assert!(err.contains("database user \"bob\" is not yours"), "{err}");
+}
