@@ -177,3 +177,166 @@ async fn read_exact(stream: &mut ClientStream, buf: &mut [u8]) -> Result<(), Han
         Err(e) => Err(e.into()),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    //! Stage tests over a real socket pair, with a generated certificate.
+
+    use super::*;
+    use crate::pg::startup::ProtocolVersion;
+    use rustls::pki_types::ServerName;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::UnixStream;
+
+    fn server_tls() -> (Arc<ServerConfig>, Arc<rustls::ClientConfig>) {
+        let dir = std::env::temp_dir().join(format!(
+            "rip-handshake-{}-{:?}",
+            std::process::id(),
+            std::thread::current().id()
+        ));
+        let ca = crate::local_ca::ensure(&dir).unwrap();
+        let server = crate::tls::server_config(&ca.cert, &ca.key).unwrap();
+        let client =
+            crate::tls::client_config(&crate::tls::UpstreamCa::File(ca.ca_cert.clone())).unwrap();
+        std::fs::remove_dir_all(&dir).unwrap();
+        (server, client)
+    }
+
+    fn startup(user: &str) -> Vec<u8> {
+        let mut out = bytes::BytesMut::new();
+        startup::encode_startup(&mut out, ProtocolVersion::V3_0, [("user", user)]);
+        out.to_vec()
+    }
+
+    fn ssl_request() -> Vec<u8> {
+        let mut out = bytes::BytesMut::new();
+        startup::encode_ssl_request(&mut out);
+        out.to_vec()
+    }
+
+    fn spawn(
+        plaintext_ok: bool,
+    ) -> (
+        UnixStream,
+        Arc<rustls::ClientConfig>,
+        tokio::task::JoinHandle<Result<Negotiated, Failed>>,
+    ) {
+        let (server_tls, client_tls) = server_tls();
+        let (client, server) = UnixStream::pair().unwrap();
+        let task = tokio::spawn(async move {
+            negotiate(Socket::Unix(server), &server_tls, plaintext_ok).await
+        });
+        (client, client_tls, task)
+    }
+
+    #[tokio::test]
+    async fn ssl_request_then_startup_over_tls() {
+        let (mut client, client_tls, task) = spawn(false);
+        client.write_all(&ssl_request()).await.unwrap();
+        let mut answer = [0u8; 1];
+        client.read_exact(&mut answer).await.unwrap();
+        assert_eq!(&answer, b"S");
+        let name = ServerName::try_from("localhost").unwrap();
+        let mut tls = tokio_rustls::TlsConnector::from(client_tls)
+            .connect(name, client)
+            .await
+            .unwrap();
+        tls.write_all(&startup("arianna")).await.unwrap();
+        tls.flush().await.unwrap();
+        let n = task.await.unwrap().unwrap();
+        assert!(n.stream.is_tls());
+        let ClientRequest::Startup(msg) = n.request else {
+            panic!()
+        };
+        assert_eq!(msg.user(), "arianna");
+        // The ALPN offered by the client is accepted, not required.
+        assert!(n.stream.tls_summary().unwrap().starts_with("TLSv1_3"));
+    }
+
+    #[tokio::test]
+    async fn gssenc_is_declined_then_plaintext_startup() {
+        let (mut client, _, task) = spawn(true);
+        client
+            .write_all(&[0, 0, 0, 8, 0x04, 0xd2, 0x16, 0x30])
+            .await
+            .unwrap();
+        let mut answer = [0u8; 1];
+        client.read_exact(&mut answer).await.unwrap();
+        assert_eq!(&answer, b"N");
+        client.write_all(&startup("bob")).await.unwrap();
+        let n = task.await.unwrap().unwrap();
+        assert!(!n.stream.is_tls());
+        assert!(matches!(n.request, ClientRequest::Startup(ref m) if m.user() == "bob"));
+    }
+
+    #[tokio::test]
+    async fn plaintext_refused_where_not_allowed() {
+        let (mut client, _, task) = spawn(false);
+        client.write_all(&startup("bob")).await.unwrap();
+        let failed = task.await.unwrap().unwrap_err();
+        assert!(matches!(failed.error, HandshakeError::PlaintextRefused));
+        assert!(failed.stream.is_some(), "the error can still be sent");
+    }
+
+    #[tokio::test]
+    async fn bytes_sent_before_tls_go_to_the_tls_handshake() {
+        let (mut client, _, task) = spawn(true);
+        // SSLRequest and a plaintext startup in one write: the second packet
+        // must never be read as a startup message.
+        let mut both = ssl_request();
+        both.extend(startup("mallory"));
+        client.write_all(&both).await.unwrap();
+        let failed = task.await.unwrap().unwrap_err();
+        assert!(
+            matches!(failed.error, HandshakeError::Tls(_)),
+            "{:?}",
+            failed.error
+        );
+    }
+
+    #[tokio::test]
+    async fn cancel_request_is_returned() {
+        let (mut client, _, task) = spawn(false);
+        let mut out = bytes::BytesMut::new();
+        let key = startup::CancelKey {
+            pid: 77,
+            secret: vec![1, 2, 3, 4],
+        };
+        startup::encode_cancel(&mut out, &key);
+        client.write_all(&out).await.unwrap();
+        let n = task.await.unwrap().unwrap();
+        assert!(matches!(n.request, ClientRequest::Cancel(k) if k == key));
+    }
+
+    #[tokio::test]
+    async fn oversized_length_is_refused_before_reading_the_body() {
+        let (mut client, _, task) = spawn(true);
+        client.write_all(&1_000_000u32.to_be_bytes()).await.unwrap();
+        let failed = task.await.unwrap().unwrap_err();
+        assert!(matches!(
+            failed.error,
+            HandshakeError::Startup(StartupError::BadLength(1_000_000))
+        ));
+    }
+
+    #[tokio::test]
+    async fn negotiation_rounds_are_bounded() {
+        let (mut client, _, task) = spawn(true);
+        for _ in 0..MAX_NEGOTIATION_ROUNDS {
+            client
+                .write_all(&[0, 0, 0, 8, 0x04, 0xd2, 0x16, 0x30])
+                .await
+                .unwrap();
+        }
+        let failed = task.await.unwrap().unwrap_err();
+        assert!(matches!(failed.error, HandshakeError::TooManyRounds));
+    }
+
+    #[tokio::test]
+    async fn client_leaving_is_not_an_error_to_report() {
+        let (client, _, task) = spawn(true);
+        drop(client);
+        let failed = task.await.unwrap().unwrap_err();
+        assert!(matches!(failed.error, HandshakeError::ClientGone));
+    }
+}
