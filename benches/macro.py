@@ -83,7 +83,7 @@ class Bench:
         env = {**self.clean_env(), "PGPASSWORD": i["master_password"]}
         subprocess.run(["psql", admin, "-X", "-q", "-c",
                         f"CREATE USER {USER} WITH LOGIN; GRANT rds_iam TO {USER}; "
-                        f"GRANT ALL ON SCHEMA public TO {USER}; ALTER SYSTEM SET max_connections = 300;"],
+                        f"GRANT ALL ON SCHEMA public TO {USER};"],
                        env=env, check=True)
 
     def clean_env(self):
@@ -148,13 +148,13 @@ class Bench:
             f"client_tls_sslmode = require\nclient_tls_cert_file = {d}/server.crt\nclient_tls_key_file = {d}/server.key\n"
             f"server_tls_sslmode = verify-full\nserver_tls_ca_file = {d}/ca.crt\n"
             f"logfile = {d}/pgbouncer.log\nlog_connections = 0\nlog_disconnections = 0\n")
+        (d / "pgbouncer.log").touch()
         subprocess.run(["chown", "-R", "postgres", str(d)], check=True)
         os.chmod(d / "server.key", 0o600)
         exe = shutil.which("pgbouncer") or "/usr/sbin/pgbouncer"
         proc = subprocess.Popen(["runuser", "-u", "postgres", "--", exe, str(d / "pgbouncer.ini")],
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                                stdout=subprocess.DEVNULL, stderr=open(d / "pgbouncer.log", "a"))
         self.procs.append(proc)
-        (d / "pgbouncer.log").touch()
         wait_for(d / "pgbouncer.log", "process up", proc, "pgbouncer")
         # runuser forks: the CPU to measure is pgbouncer's own process.
         pid = int(subprocess.run(["pgrep", "-n", "-f", str(d / "pgbouncer.ini")], capture_output=True,
