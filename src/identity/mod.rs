@@ -426,7 +426,7 @@ impl IdentityService {
             // The assertion's own problem (expired, no tag, roles) when it has one.
             Source::Saml(p) => match p.check() {
                 Err(s) => s.into(),
-                Ok(_) => e.into(),
+                Ok(_) => SamlError::Sts(e.message).into(),
             },
             _ => e.into(),
         }
