@@ -468,3 +468,24 @@ fn whoami_and_policy_print_what_people_need() {
         "{out}"
     );
 }
+
+#[test]
+fn a_login_that_cannot_renew_itself_is_announced_before_it_ends() {
+    let Some(bed) = Bed::shared("a_login_that_cannot_renew_itself_is_announced") else {
+        return;
+    };
+    create_user(bed, "ulla");
+    // Five minutes left, no refresh token: inside the ten-minute warning.
+    let cache = bed.sso_login_with("ulla", "DatabaseAdmin", Some(300), false);
+    let home = AwsHome::sso_with_cache(bed, "DatabaseAdmin", &cache);
+    let proxy = Proxy::builder(bed, &home).start();
+    let log = proxy.wait_for_log(
+        "your AWS SSO session for profile \"dev\" ends at",
+        Duration::from_secs(20),
+    );
+    assert!(log.contains("run: aws sso login --profile dev"), "{log}");
+    // Until then it works.
+    let (ok, out, err) = run(proxy.psql("ulla", "").args(SELECT_USER));
+    assert!(ok, "{err}");
+    assert_eq!(out.trim(), "ulla");
+}

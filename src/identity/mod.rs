@@ -488,3 +488,57 @@ pub(crate) fn error_chain(e: &dyn std::error::Error) -> String {
     }
     s
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn opts(
+        kind: SourceKind,
+        users: &[&str],
+        file: Option<&str>,
+        env: Option<(&str, Option<&str>)>,
+    ) -> Result<IdentityOptions, OptionsError> {
+        IdentityOptions::new(
+            kind,
+            None,
+            users.iter().map(|u| u.to_string()).collect(),
+            file.map(PathBuf::from),
+            env.map(|(k, v)| (k.to_owned(), v.map(str::to_owned))),
+            None,
+            || Ok("PHNhbWxwOlJlc3BvbnNlLz4=".into()),
+        )
+    }
+
+    #[test]
+    fn flags_must_fit_the_source() {
+        use OptionsError::*;
+        assert!(opts(SourceKind::Sso, &[], None, None).is_ok());
+        assert_eq!(
+            opts(SourceKind::Workload, &[], None, None).unwrap_err(),
+            WorkloadWithoutUsers
+        );
+        assert_eq!(
+            opts(SourceKind::Sso, &["app"], None, None).unwrap_err(),
+            UsersWithoutWorkload
+        );
+        assert_eq!(
+            opts(SourceKind::Workload, &["app"], Some("f"), None).unwrap_err(),
+            SamlWithoutSaml
+        );
+        assert_eq!(
+            opts(SourceKind::Saml, &[], None, None).unwrap_err(),
+            NoSamlAssertion
+        );
+        assert!(matches!(
+            opts(SourceKind::Saml, &[], None, Some(("SAML", None))).unwrap_err(),
+            SamlRead(m) if m.contains("SAML is not set")
+        ));
+        let o = opts(SourceKind::Saml, &[], Some("-"), None).unwrap();
+        assert!(
+            matches!(o.saml, Some(SamlInput::Fixed { ref from, ref value }) if from == "stdin" && value.expose().starts_with("PHN"))
+        );
+        let o = opts(SourceKind::Saml, &[], None, Some(("SAML", Some("x")))).unwrap();
+        assert_eq!(o.saml.unwrap().describe(), "environment variable SAML");
+    }
+}
