@@ -102,7 +102,7 @@ impl ConnError {
                     Some(format!("check the proxy's log; if your session expired, run: {login}")),
                 ),
                 IdentityError::Arn(a) => fatal(INVALID_AUTHORIZATION, a.to_string(), None),
-                IdentityError::SsoExpired { .. } => fatal(
+                IdentityError::SsoExpired { .. } | IdentityError::SsoNotSignedIn { .. } => fatal(
                     INVALID_AUTHORIZATION,
                     e.to_string(),
                     Some("the proxy picks the new login up without a restart; connections already open continue".into()),

@@ -67,7 +67,20 @@ fn sso_expired_login_names_the_profile_and_relogin_is_picked_up_live() {
     create_user(bed, "ivy");
     let cache = bed.sso_login_with("ivy", "DatabaseAdmin", Some(-120), false);
     let home = AwsHome::sso_with_cache(bed, "DatabaseAdmin", &cache);
+    // Never signed in: no cache file at all.
+    std::fs::remove_file(home.sso_cache_file()).unwrap();
     let proxy = Proxy::builder(bed, &home).start();
+    let (ok, _, err) = run(proxy.psql("ivy", "").args(SELECT_USER));
+    assert!(!ok, "must be refused");
+    assert!(
+        err.contains(
+            "FATAL:  you are not signed in to AWS SSO for profile \"dev\"; run: aws sso login --profile dev"
+        ),
+        "{err}\n{}",
+        proxy.log()
+    );
+    // Signed in, but the login expired and cannot be renewed.
+    home.write_sso_cache(&cache);
     let expected = format!(
         "your AWS SSO session for profile \"dev\" expired at {}; run: aws sso login --profile dev",
         hhmm(cache["expiresAt"].as_str().unwrap())

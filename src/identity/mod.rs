@@ -174,6 +174,8 @@ pub enum IdentityError {
         at: String,
         login: String,
     },
+    #[error("you are not signed in to AWS SSO for profile \"{profile}\"; run: {login}")]
+    SsoNotSignedIn { profile: String, login: String },
     #[error(transparent)]
     Saml(#[from] SamlError),
     #[error("STS GetCallerIdentity failed: {0}")]
@@ -412,7 +414,13 @@ impl IdentityService {
         match &self.source {
             Source::Sso(Some(login)) => {
                 let now = SystemTime::now();
-                match login.state().and_then(|s| s.expires_at) {
+                let Some(state) = login.state() else {
+                    return IdentityError::SsoNotSignedIn {
+                        profile: login.profile.clone(),
+                        login: login.login_command(),
+                    };
+                };
+                match state.expires_at {
                     Some(at) if at <= now + credentials::MIN_REMAINING => {
                         IdentityError::SsoExpired {
                             profile: login.profile.clone(),

@@ -12,7 +12,6 @@
 //! provider); the proxy checks what it relies on: not expired, one role
 //! chosen, and the user-name tag present.
 
-use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::Mutex;
 use std::time::{Duration, SystemTime};
@@ -240,7 +239,9 @@ pub struct SamlProvider {
     input: SamlInput,
     role: Option<String>,
     sts: aws_sdk_sts::Client,
-    users: Mutex<HashMap<String, String>>,
+    /// (access key id, user name) of the last credentials; the cache above
+    /// holds only those.
+    last: Mutex<Option<(String, String)>>,
 }
 
 impl SamlProvider {
@@ -252,7 +253,7 @@ impl SamlProvider {
             input,
             role,
             sts: aws_sdk_sts::Client::from_conf(conf),
-            users: Mutex::new(HashMap::new()),
+            last: Mutex::new(None),
         }
     }
 
@@ -266,11 +267,12 @@ impl SamlProvider {
 
     /// The person behind credentials this provider produced.
     pub fn user_for(&self, access_key_id: &str) -> Option<String> {
-        self.users
+        self.last
             .lock()
             .expect("lock poisoned")
-            .get(access_key_id)
-            .cloned()
+            .as_ref()
+            .filter(|(key, _)| key == access_key_id)
+            .map(|(_, user)| user.clone())
     }
 
     pub fn input(&self) -> &SamlInput {
@@ -310,10 +312,8 @@ impl SamlProvider {
                 .as_secs(),
             "assumed a role with the SAML assertion"
         );
-        self.users
-            .lock()
-            .expect("lock poisoned")
-            .insert(creds.access_key_id().to_owned(), chosen.user_name);
+        *self.last.lock().expect("lock poisoned") =
+            Some((creds.access_key_id().to_owned(), chosen.user_name));
         Ok(creds)
     }
 }
