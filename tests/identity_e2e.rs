@@ -51,6 +51,27 @@ fn eventually<T>(what: &str, within: Duration, mut probe: impl FnMut() -> Option
     }
 }
 
+/// Secrets of the sessions moto minted for `session_name` (what the proxy
+/// got from AssumeRole / AssumeRoleWithSAML and must never log).
+fn moto_session_secrets(bed: &Bed, session_name: &str) -> Vec<String> {
+    let (status, v) =
+        support::bed::http_json(&bed.info.moto_url, "GET", "/moto-api/data.json", None);
+    assert_eq!(status, 200);
+    let secrets: Vec<String> = v["sts"]["AssumedRole"]
+        .as_array()
+        .expect("moto lists assumed roles")
+        .iter()
+        .filter(|r| r["session_name"] == session_name)
+        .flat_map(|r| [r["secret_access_key"].clone(), r["session_token"].clone()])
+        .filter_map(|s| s.as_str().map(str::to_owned))
+        .collect();
+    assert!(
+        !secrets.is_empty(),
+        "moto minted nothing for {session_name}"
+    );
+    secrets
+}
+
 /// `HH:MM UTC` of an RFC 3339 time, as the proxy prints it (same day).
 fn hhmm(rfc3339: &str) -> String {
     let t = rfc3339.split('T').nth(1).expect("a time");
@@ -177,6 +198,10 @@ fn a_non_identity_center_session_is_refused_unless_it_is_a_workload() {
         "{err}"
     );
     assert_eq!(verifier_lines_for(bed, "orders_admin"), before);
+    let log = proxy.log();
+    for secret in moto_session_secrets(bed, "orders-7f3a") {
+        assert!(!log.contains(&secret), "a secret is in the log:\n{log}");
+    }
 }
 
 #[test]
@@ -287,6 +312,9 @@ fn saml_assertion_with_the_user_name_tag() {
         "the assertion is in the log:\n{log}"
     );
     assert!(!log.contains("X-Amz-Signature"), "{log}");
+    for secret in moto_session_secrets(bed, "someone@corp.example") {
+        assert!(!log.contains(&secret), "a secret is in the log:\n{log}");
+    }
     let _ = std::fs::remove_file(&file);
 }
 
