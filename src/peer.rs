@@ -383,6 +383,16 @@ mod tests {
         // A socket that does not exist is not found, rather than an error.
         let gone: SocketAddr = "127.0.0.1:1".parse().unwrap();
         assert_eq!(sock_diag_uid(gone, local).unwrap(), None);
+        // IPv6 loopback, where the host has it.
+        if let Ok(l6) = std::net::TcpListener::bind("[::1]:0") {
+            let _c = std::net::TcpStream::connect(l6.local_addr().unwrap()).unwrap();
+            let (_s, peer6) = l6.accept().unwrap();
+            assert_eq!(sock_diag_uid(peer6, l6.local_addr().unwrap()).unwrap(), own);
+            assert_eq!(
+                proc_net_tcp_uid(peer6, l6.local_addr().unwrap()).unwrap(),
+                own
+            );
+        }
     }
 
     #[test]

@@ -198,6 +198,26 @@ fn a_non_identity_center_session_is_refused_unless_it_is_a_workload() {
         "{err}"
     );
     assert_eq!(verifier_lines_for(bed, "orders_admin"), before);
+    // `token` makes the same check.
+    let token = |extra: &[&str]| {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_rds-iam-proxy"));
+        home.apply(&mut cmd);
+        cmd.args(["token", "--upstream", &bed.info.endpoint_host])
+            .args([
+                "--identity-source",
+                "workload",
+                "--allow-db-user",
+                "orders_app",
+            ])
+            .args(extra);
+        run(&mut cmd)
+    };
+    let (ok, out, err) = token(&[]);
+    assert!(ok, "{err}");
+    assert!(out.contains("Action=connect&DBUser=orders_app&"), "{out}");
+    let (ok, out, err) = token(&["--user", "orders_admin"]);
+    assert!(!ok && out.is_empty(), "{out}");
+    assert!(err.contains("may use only \"orders_app\""), "{err}");
     let log = proxy.log();
     for secret in moto_session_secrets(bed, "orders-7f3a") {
         assert!(!log.contains(&secret), "a secret is in the log:\n{log}");
