@@ -550,3 +550,102 @@ fn a_login_that_cannot_renew_itself_is_announced_before_it_ends() {
     assert!(ok, "{err}");
     assert_eq!(out.trim(), "ulla");
 }
+
+/// Reads one HTTP/1.1 message (head + Content-Length body); None at EOF.
+fn read_http_message(r: &mut impl std::io::BufRead) -> Option<Vec<u8>> {
+    let mut msg = Vec::new();
+    let mut length = 0usize;
+    loop {
+        let mut line = String::new();
+        if r.read_line(&mut line).ok()? == 0 {
+            return None;
+        }
+        if let Some((k, v)) = line.split_once(':')
+            && k.eq_ignore_ascii_case("content-length")
+        {
+            length = v.trim().parse().ok()?;
+        }
+        msg.extend_from_slice(line.as_bytes());
+        if line == "\r\n" {
+            break;
+        }
+    }
+    let mut body = vec![0; length];
+    r.read_exact(&mut body).ok()?;
+    msg.extend_from_slice(&body);
+    Some(msg)
+}
+
+/// A relay in front of moto's STS whose responses carry a `Date` that is
+/// `skew_secs` ahead of this host: what a proxy host with a slow clock
+/// sees. Moto's real responses otherwise, byte for byte.
+fn skewed_sts(moto_url: &str, skew_secs: u64) -> String {
+    use std::io::{BufReader, Write};
+    let target = moto_url.trim_start_matches("http://").to_owned();
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    std::thread::spawn(move || {
+        for client in listener.incoming().map_while(Result::ok) {
+            let target = target.clone();
+            std::thread::spawn(move || {
+                let mut reader = BufReader::new(client.try_clone().unwrap());
+                let mut client = client;
+                while let Some(request) = read_http_message(&mut reader) {
+                    let Ok(mut up) = std::net::TcpStream::connect(&target) else {
+                        return;
+                    };
+                    up.write_all(&request).unwrap();
+                    let Some(response) = read_http_message(&mut BufReader::new(up)) else {
+                        return;
+                    };
+                    let date = aws_smithy_types::DateTime::from(
+                        SystemTime::now() + Duration::from_secs(skew_secs),
+                    )
+                    .fmt(aws_smithy_types::date_time::Format::HttpDate)
+                    .unwrap();
+                    let text = String::from_utf8_lossy(&response);
+                    let (head, body) = text.split_once("\r\n\r\n").unwrap();
+                    let head: Vec<String> = head
+                        .lines()
+                        .filter(|l| !l.to_ascii_lowercase().starts_with("date:"))
+                        .map(str::to_owned)
+                        .chain([format!("Date: {date}")])
+                        .collect();
+                    let out = format!("{}\r\n\r\n{body}", head.join("\r\n"));
+                    if client.write_all(out.as_bytes()).is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    url
+}
+
+#[test]
+fn clock_skew_is_reported_at_start_and_to_a_refused_client() {
+    let Some(bed) = Bed::shared("clock_skew_is_reported") else {
+        return;
+    };
+    // An Identity Center user without a database user: the server refuses
+    // the login, and the client's hint must name the skew.
+    let home = AwsHome::sso(bed, "skewed_nobody_db", "DatabaseAdmin");
+    let sts = skewed_sts(&bed.info.moto_url, 600);
+    let proxy = Proxy::builder(bed, &home)
+        .env("AWS_ENDPOINT_URL_STS", &sts)
+        .start();
+    let log = proxy.wait_for_log("behind AWS", Duration::from_secs(10));
+    assert!(
+        log.contains("this host's clock is 600 s behind AWS")
+            || log.contains("this host's clock is 599 s behind AWS")
+            || log.contains("this host's clock is 601 s behind AWS"),
+        "{log}"
+    );
+    let (ok, _, err) = run(proxy.psql("skewed_nobody_db", "").args(SELECT_USER));
+    assert!(!ok);
+    assert!(
+        err.contains("HINT:") && err.contains("s behind AWS: tokens signed here may be refused"),
+        "{err}\n{}",
+        proxy.log()
+    );
+}
