@@ -649,3 +649,34 @@ fn clock_skew_is_reported_at_start_and_to_a_refused_client() {
         proxy.log()
     );
 }
+
+#[test]
+fn a_revoked_refresh_token_gets_the_same_sign_in_again_message() {
+    let Some(bed) = Bed::shared("a_revoked_refresh_token") else {
+        return;
+    };
+    create_user(bed, "vera");
+    let cache = bed.sso_login_with("vera", "DatabaseAdmin", Some(-120), true);
+    bed.revoke_refresh_token(cache["refreshToken"].as_str().unwrap());
+    let home = AwsHome::sso_with_cache(bed, "DatabaseAdmin", &cache);
+    let proxy = Proxy::builder(bed, &home).start();
+    let (ok, _, err) = run(proxy.psql("vera", "").args(SELECT_USER));
+    assert!(!ok);
+    assert!(
+        err.contains(&format!(
+            "FATAL:  your AWS SSO session for profile \"dev\" expired at {}; run: aws sso login --profile dev",
+            hhmm(cache["expiresAt"].as_str().unwrap())
+        )),
+        "{err}\n{}",
+        proxy.log()
+    );
+    // The proxy tried to renew it through SSO-OIDC first.
+    let client_id = cache["clientId"].as_str().unwrap();
+    let tried = bed
+        .sso_requests()
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|r| r["path"] == "/token" && r["client_id"] == client_id);
+    assert!(tried, "no CreateToken attempt for {client_id}");
+}
