@@ -8,15 +8,19 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use rustls::ServerConfig;
 use thiserror::Error;
 use tokio::sync::watch;
-use tracing::{info, warn};
+use tracing::info;
 
 use crate::cancel::CancelRegistry;
 use crate::config::{ClientTls, Config};
 use crate::identity::IdentityService;
 use crate::listener::Listener;
+use crate::peer::{PeerError, PeerPolicy};
 use crate::tls::{self, TlsSetupError};
 use crate::token::Signer;
 use crate::upstream::Endpoint;
+
+/// Warn this long before an SSO login that cannot renew itself ends.
+const EXPIRY_WARNING: std::time::Duration = std::time::Duration::from_secs(10 * 60);
 
 /// State shared by every connection.
 #[derive(Debug)]
@@ -30,6 +34,8 @@ pub struct AppContext {
     pub identity: IdentityService,
     pub signer: Signer,
     pub cancels: Arc<CancelRegistry>,
+    /// Which local OS users may connect over loopback TCP and unix sockets.
+    pub peers: PeerPolicy,
     next_id: AtomicU64,
 }
 
@@ -51,6 +57,8 @@ pub enum StartError {
         "no AWS region: the endpoint name does not contain one and the AWS configuration sets none; pass --region"
     )]
     NoRegion,
+    #[error(transparent)]
+    Peer(#[from] PeerError),
     #[error("cannot listen on {what}: {source}")]
     Bind {
         what: String,
@@ -84,7 +92,8 @@ pub async fn build(config: Config) -> Result<AppContext, StartError> {
         .clone()
         .or_else(|| sdk.region().map(|r| r.to_string()))
         .ok_or(StartError::NoRegion)?;
-    let identity = IdentityService::new(&sdk, config.profile.clone());
+    let peers = PeerPolicy::from_allow_list(crate::peer::own_uid()?, &config.allow_local_users)?;
+    let identity = IdentityService::new(&sdk, config.identity.clone());
     let endpoint = Arc::new(Endpoint {
         host: config.upstream_host.clone(),
         port: config.upstream_port,
@@ -101,6 +110,7 @@ pub async fn build(config: Config) -> Result<AppContext, StartError> {
         identity,
         signer: Signer::default(),
         cancels: Arc::new(CancelRegistry::default()),
+        peers,
         next_id: AtomicU64::new(0),
     })
 }
@@ -129,20 +139,11 @@ pub async fn run(config: Config) -> Result<(), StartError> {
         listeners.push(l);
     }
 
-    match ctx.identity.current().await {
-        Ok((_, id)) => info!(
-            person = %id.user_name,
-            arn = %id.arn,
-            upstream = %ctx.upstream_name,
-            region = %ctx.region,
-            "acting for {} (database user \"{}\")",
-            id.arn,
-            id.user_name
-        ),
-        Err(e) => {
-            warn!(error = %e, "AWS identity not available yet; connections will be refused until it is")
-        }
-    }
+    crate::banner::log(&ctx).await;
+    let watcher = {
+        let ctx = ctx.clone();
+        tokio::spawn(async move { ctx.identity.watch_expiry(EXPIRY_WARNING).await })
+    };
 
     let (stop, stopped) = watch::channel(false);
     let mut tasks = Vec::new();
@@ -151,6 +152,7 @@ pub async fn run(config: Config) -> Result<(), StartError> {
         tasks.push(tokio::spawn(l.serve(ctx.clone(), stopped.clone())));
     }
     shutdown_signal().await;
+    watcher.abort();
     info!("shutting down");
     let _ = stop.send(true);
     for t in tasks {

@@ -6,6 +6,8 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
+use crate::identity::{IdentityOptions, OptionsError, SourceKind};
+
 /// A PostgreSQL proxy for Amazon Aurora / RDS IAM database authentication.
 ///
 /// Clients connect with no password. The proxy learns who you are from
@@ -37,6 +39,40 @@ pub enum Command {
     /// Print an IAM auth token, like `aws rds generate-db-auth-token`, after
     /// the same identity check the proxy makes.
     Token(TokenArgs),
+    /// Show who the proxy would act for: identity source, user name, ARN,
+    /// account and when the credentials expire.
+    Whoami(WhoamiArgs),
+    /// Print the IAM policy and the SQL that IAM database authentication
+    /// through this proxy needs.
+    Policy(PolicyArgs),
+}
+
+/// `rds-iam-proxy whoami`.
+#[derive(Debug, Clone, Args)]
+pub struct WhoamiArgs {
+    #[command(flatten)]
+    pub aws: AwsArgs,
+}
+
+/// `rds-iam-proxy policy`.
+#[derive(Debug, Clone, Args)]
+pub struct PolicyArgs {
+    /// The cluster's resource id (`cluster-ABCDEFGHIJKL...`, shown by
+    /// `aws rds describe-db-clusters` as DbClusterResourceId).
+    #[arg(long, value_name = "ID")]
+    pub cluster_resource_id: String,
+
+    /// Region of the cluster (`*` if not given).
+    #[arg(long)]
+    pub region: Option<String>,
+
+    /// Account id of the cluster (`*` if not given).
+    #[arg(long)]
+    pub account: Option<String>,
+
+    /// Database users to write the SQL for [default: a placeholder].
+    #[arg(long = "user", value_name = "USER")]
+    pub users: Vec<String>,
 }
 
 /// AWS identity options shared by the proxy and the subcommands.
@@ -51,6 +87,55 @@ pub struct AwsArgs {
     /// standard credential chain].
     #[arg(long, env = "RDS_IAM_PROXY_PROFILE")]
     pub profile: Option<String>,
+
+    /// Where the person's identity comes from: `sso` (IAM Identity Center
+    /// session; user name = Identity Center user name), `saml` (the proxy
+    /// calls AssumeRoleWithSAML; user name = PrincipalTag:userName) or
+    /// `workload` (an application's role; only --allow-db-user users).
+    #[arg(long, env = "RDS_IAM_PROXY_IDENTITY_SOURCE", value_enum, default_value_t = SourceKind::Sso)]
+    pub identity_source: SourceKind,
+
+    /// Workload only: a database user the workload may use; repeat for
+    /// several. No other user is allowed.
+    #[arg(
+        long,
+        env = "RDS_IAM_PROXY_ALLOW_DB_USER",
+        value_name = "USER",
+        value_delimiter = ','
+    )]
+    pub allow_db_user: Vec<String>,
+
+    /// SAML only: file holding the base64 SAML response (re-read whenever
+    /// credentials are renewed); `-` reads it once from stdin.
+    #[arg(long, env = "RDS_IAM_PROXY_SAML_ASSERTION_FILE", value_name = "FILE")]
+    pub saml_assertion_file: Option<PathBuf>,
+
+    /// SAML only: name of an environment variable holding the base64 SAML
+    /// response (read once at start-up).
+    #[arg(long, env = "RDS_IAM_PROXY_SAML_ASSERTION_ENV", value_name = "VAR")]
+    pub saml_assertion_env: Option<String>,
+
+    /// SAML only: the role ARN to assume when the assertion offers several.
+    #[arg(long, env = "RDS_IAM_PROXY_SAML_ROLE", value_name = "ROLE_ARN")]
+    pub saml_role: Option<String>,
+}
+
+impl AwsArgs {
+    /// The identity source these flags describe. Reads stdin or the named
+    /// variable only when the SAML flags ask for it.
+    pub fn identity_options(&self) -> Result<IdentityOptions, OptionsError> {
+        IdentityOptions::new(
+            self.identity_source,
+            self.profile.clone(),
+            self.allow_db_user.clone(),
+            self.saml_assertion_file.clone(),
+            self.saml_assertion_env
+                .as_ref()
+                .map(|v| (v.clone(), std::env::var(v).ok())),
+            self.saml_role.clone(),
+            || std::io::read_to_string(std::io::stdin()),
+        )
+    }
 }
 
 /// `rds-iam-proxy token`.
@@ -104,6 +189,18 @@ pub struct ProxyArgs {
 
     #[command(flatten)]
     pub aws: AwsArgs,
+
+    /// Another local OS user (name or uid) that may connect over loopback
+    /// TCP or the unix socket; repeat for several, or `any`. By default only
+    /// the OS user running the proxy may, since every connection acts as
+    /// the proxy's AWS identity.
+    #[arg(
+        long,
+        env = "RDS_IAM_PROXY_ALLOW_LOCAL_USER",
+        value_name = "USER",
+        value_delimiter = ','
+    )]
+    pub allow_local_user: Vec<String>,
 
     /// Certificate chain (PEM) shown to clients [default: a local CA and
     /// localhost certificate made on first run in the state directory].

@@ -8,6 +8,7 @@ use std::time::Duration;
 use thiserror::Error;
 
 use crate::cli::{LogFormat, ProxyArgs};
+use crate::identity::{IdentityOptions, OptionsError};
 use crate::tls::UpstreamCa;
 
 /// Default PostgreSQL port.
@@ -25,6 +26,10 @@ pub struct Config {
     /// AWS configuration".
     pub region: Option<String>,
     pub profile: Option<String>,
+    /// Identity source and its settings.
+    pub identity: IdentityOptions,
+    /// `--allow-local-user` values (names, uids or `any`), resolved at start.
+    pub allow_local_users: Vec<String>,
     pub listen: Vec<SocketAddr>,
     /// Directory for the unix socket.
     pub unix_socket: Option<PathBuf>,
@@ -62,6 +67,8 @@ pub enum ConfigError {
     BadRegion(String),
     #[error("no listen address: give --listen or --unix-socket")]
     NoListener,
+    #[error(transparent)]
+    Identity(#[from] OptionsError),
 }
 
 impl Config {
@@ -105,6 +112,8 @@ impl Config {
                 None => UpstreamCa::RdsBundle,
             },
             profile: cli.aws.profile.clone(),
+            identity: cli.aws.identity_options()?,
+            allow_local_users: cli.allow_local_user.clone(),
             listen: cli.listen.clone(),
             unix_socket: cli.unix_socket.clone(),
             client_tls,

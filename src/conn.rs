@@ -25,6 +25,8 @@ pub struct Peer {
     pub addr: String,
     /// Plaintext startup is allowed (loopback and unix listeners only).
     pub plaintext_ok: bool,
+    /// What identifies the local OS user behind the connection.
+    pub local: crate::peer::LocalPeer,
 }
 
 /// Serves one accepted socket to the end.
@@ -56,6 +58,14 @@ async fn run(ctx: Arc<AppContext>, socket: Socket, peer: Peer) {
             return;
         }
     };
+    if let Err(refusal) = crate::peer::check(&ctx.peers, &peer.local) {
+        if let ClientRequest::Cancel(_) = request {
+            warn!(error = %refusal, "cancel request from a refused local user ignored");
+            return;
+        }
+        refuse(&ctx, Some(stream), ConnError::Peer(refusal)).await;
+        return;
+    }
     let startup = match request {
         ClientRequest::Cancel(key) => {
             match ctx.cancels.cancel(&key).await {
@@ -152,13 +162,8 @@ async fn open_session(
     }) {
         return Err(ConnError::Replication);
     }
-    let (creds, identity) = ctx.identity.current().await?;
-    if startup.user() != identity.user_name {
-        return Err(ConnError::NotYourUser {
-            requested: startup.user().to_owned(),
-            person: identity.user_name.clone(),
-        });
-    }
+    // Before any token exists: may this identity use the requested user?
+    let (creds, identity) = ctx.identity.authorize(startup.user()).await?;
     let token = ctx.signer.sign(
         &creds,
         &TokenTarget {
@@ -180,6 +185,7 @@ async fn refuse(ctx: &AppContext, stream: Option<ClientStream>, error: ConnError
     let names = Names {
         upstream: &ctx.upstream_name,
         profile: ctx.identity.profile(),
+        clock_skew: ctx.identity.clock_skew(),
     };
     let message = error.to_client(names);
     match &message {

@@ -9,6 +9,7 @@ use thiserror::Error;
 use crate::forward::ForwardError;
 use crate::handshake::HandshakeError;
 use crate::identity::IdentityError;
+use crate::peer::PeerRefusal;
 use crate::pg::backend::{ErrorMessage, Severity};
 use crate::upstream::UpstreamError;
 
@@ -21,8 +22,8 @@ pub enum ConnError {
     HandshakeTimeout(std::time::Duration),
     #[error("identity: {0}")]
     Identity(#[from] IdentityError),
-    #[error("database user {requested:?} refused: the proxy acts for {person:?}")]
-    NotYourUser { requested: String, person: String },
+    #[error("local peer refused: {0}")]
+    Peer(PeerRefusal),
     #[error("replication connections are not supported")]
     Replication,
     #[error("upstream: {0}")]
@@ -57,6 +58,9 @@ fn fatal(code: &'static str, message: impl Into<String>, hint: Option<String>) -
 pub struct Names<'a> {
     pub upstream: &'a str,
     pub profile: Option<&'a str>,
+    /// AWS time minus local time, in seconds, when it is large enough to
+    /// get tokens refused.
+    pub clock_skew: Option<i64>,
 }
 
 impl ConnError {
@@ -64,10 +68,7 @@ impl ConnError {
     /// be told anything (it left, or TLS never came up).
     pub fn to_client(&self, names: Names<'_>) -> Option<ErrorMessage> {
         use sqlstate::*;
-        let login = match names.profile {
-            Some(p) => format!("aws sso login --profile {p}"),
-            None => "aws sso login".to_owned(),
-        };
+        let login = crate::identity::sso::login_command(names.profile);
         Some(match self {
             ConnError::Handshake(e) => match e {
                 HandshakeError::ClientGone | HandshakeError::Io(_) | HandshakeError::Tls(_) => return None,
@@ -101,18 +102,49 @@ impl ConnError {
                     Some(format!("check the proxy's log; if your session expired, run: {login}")),
                 ),
                 IdentityError::Arn(a) => fatal(INVALID_AUTHORIZATION, a.to_string(), None),
+                IdentityError::SsoExpired { .. } | IdentityError::SsoNotSignedIn { .. } => fatal(
+                    INVALID_AUTHORIZATION,
+                    e.to_string(),
+                    Some("the proxy picks the new login up without a restart; connections already open continue".into()),
+                ),
+                IdentityError::Saml(s) => fatal(
+                    INVALID_AUTHORIZATION,
+                    format!("rds-iam-proxy cannot use its SAML identity: {s}"),
+                    None,
+                ),
+                IdentityError::NotIdentityCenter { .. } => fatal(INVALID_AUTHORIZATION, e.to_string(), None),
+                IdentityError::NotYourUser { requested, person } => fatal(
+                    INVALID_AUTHORIZATION,
+                    format!("database user \"{requested}\" is not yours: this proxy acts for AWS user \"{person}\""),
+                    Some(format!("connect as user \"{person}\"")),
+                ),
+                IdentityError::NotAllowed { requested, allowed } => fatal(
+                    INVALID_AUTHORIZATION,
+                    format!("database user \"{requested}\" is not allowed for this workload identity"),
+                    Some(format!("connect as one of: {}", allowed.join(", "))),
+                ),
             },
-            ConnError::NotYourUser { requested, person } => fatal(
+            ConnError::Peer(r) => fatal(
                 INVALID_AUTHORIZATION,
-                format!("database user \"{requested}\" is not yours: this proxy acts for AWS user \"{person}\""),
-                Some(format!("connect as user \"{person}\"")),
+                format!("rds-iam-proxy refused this local connection: {r}"),
+                Some("each person runs their own proxy; its operator can allow others with --allow-local-user".into()),
             ),
             ConnError::Replication => fatal(
                 FEATURE_NOT_SUPPORTED,
                 "replication connections are not supported through rds-iam-proxy",
                 None,
             ),
-            ConnError::Upstream(e) => upstream_message(e, names.upstream)?,
+            ConnError::Upstream(e) => {
+                let mut m = upstream_message(e, names.upstream)?;
+                if let (Some(skew), UpstreamError::Refused(_)) = (names.clock_skew, e) {
+                    let note = format!("{}: tokens signed here may be refused; fix the clock (NTP)", crate::identity::skew::describe(skew));
+                    m.hint = Some(match m.hint.take() {
+                        Some(h) => format!("{h}; {note}"),
+                        None => note,
+                    });
+                }
+                m
+            }
             ConnError::LoginTimeout(t) => fatal(
                 CANNOT_CONNECT,
                 format!("logging in to {} took longer than {}s", names.upstream, t.as_secs()),
@@ -197,14 +229,15 @@ mod tests {
 
     #[test]
     fn mismatch_names_both_users() {
-        let e = ConnError::NotYourUser {
+        let e = ConnError::Identity(IdentityError::NotYourUser {
             requested: "bob".into(),
             person: "arianna".into(),
-        };
+        });
         let m = e
             .to_client(Names {
                 upstream: "x:5432",
                 profile: None,
+                clock_skew: None,
             })
             .unwrap();
         assert_eq!(m.code, "28000");

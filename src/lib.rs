@@ -6,13 +6,16 @@
 //! - [`listener`]: TCP and unix listeners, accept loops.
 //! - [`handshake`]: SSLRequest / GSSENCRequest / direct TLS / CancelRequest,
 //!   then the StartupMessage.
-//! - [`identity`]: cached AWS credentials and the person's user name.
+//! - [`peer`]: which local OS user is behind a loopback or unix connection.
+//! - [`identity`]: the identity source (SSO, SAML, workload), cached AWS
+//!   credentials and which database users they may use.
 //! - [`token`]: the SigV4-presigned RDS IAM token.
 //! - [`upstream`]: resolve, connect, verified TLS, log in with the token.
 //! - [`forward`]: both directions until the session ends.
 //! - [`cancel`]: proxy-issued cancel keys and their upstream targets.
 //!
-//! [`commands`] holds the subcommands (`token`, ...).
+//! [`commands`] holds the subcommands (`token`, `whoami`, `policy`);
+//! [`banner`] says at start-up who the proxy acts for.
 //!
 //! [`conn`] strings the stages together for one connection; [`app`] builds
 //! the shared context and runs the listeners. [`pg`] is the sans-I/O wire
@@ -20,6 +23,7 @@
 //! told when something fails.
 
 pub mod app;
+pub mod banner;
 pub mod cancel;
 pub mod cli;
 pub mod commands;
@@ -31,6 +35,7 @@ pub mod handshake;
 pub mod identity;
 pub mod listener;
 pub mod local_ca;
+pub mod peer;
 pub mod pg;
 pub mod secret;
 pub mod stream;

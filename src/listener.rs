@@ -13,6 +13,7 @@ use tracing::{error, info};
 
 use crate::app::AppContext;
 use crate::conn::{self, Peer};
+use crate::peer::LocalPeer;
 use crate::stream::Socket;
 
 /// A bound listener.
@@ -89,22 +90,34 @@ impl Listener {
             Listener::Tcp(l) => {
                 let (tcp, addr) = l.accept().await?;
                 let _ = tcp.set_nodelay(true);
-                let local = l.local_addr()?.ip().is_loopback();
+                let local_addr = l.local_addr()?;
+                let local = local_addr.ip().is_loopback();
                 Ok((
                     Socket::Tcp(tcp),
                     Peer {
                         addr: addr.to_string(),
                         plaintext_ok: local,
+                        local: if local {
+                            LocalPeer::Tcp {
+                                peer: addr,
+                                local: local_addr,
+                            }
+                        } else {
+                            LocalPeer::Remote
+                        },
                     },
                 ))
             }
             Listener::Unix(l, _) => {
                 let (unix, _) = l.accept().await?;
+                // SO_PEERCRED: the uid the client process had when it connected.
+                let uid = unix.peer_cred().ok().map(|c| c.uid());
                 Ok((
                     Socket::Unix(unix),
                     Peer {
                         addr: "unix".into(),
                         plaintext_ok: true,
+                        local: LocalPeer::Unix { uid },
                     },
                 ))
             }

@@ -29,6 +29,8 @@ fn real_main() -> anyhow::Result<()> {
         return runtime.block_on(async {
             match command {
                 Command::Token(args) => rds_iam_proxy::commands::token::run(args).await,
+                Command::Whoami(args) => rds_iam_proxy::commands::whoami::run(args).await,
+                Command::Policy(args) => rds_iam_proxy::commands::policy::run(args),
             }
         });
     }

@@ -244,6 +244,8 @@ class Credentials:
     def __init__(self):
         self._lock = threading.Lock()
         self._table = {}
+        # Called on a miss to learn credentials minted elsewhere (moto).
+        self.on_miss = None
 
     def add(self, access_key, secret, session_token=None):
         with self._lock:
@@ -251,7 +253,27 @@ class Credentials:
 
     def get(self, access_key):
         with self._lock:
-            return self._table.get(access_key)
+            hit = self._table.get(access_key)
+        if hit is None and self.on_miss is not None:
+            self.on_miss()
+            with self._lock:
+                hit = self._table.get(access_key)
+        return hit
+
+
+def learn_moto_sessions(moto_url, creds):
+    """Like RDS, which accepts whatever STS issued: credentials that moto minted
+    for a client directly (AssumeRole from a profile, AssumeRoleWithSAML) are
+    read from moto's model dump and added to the verifier's table."""
+    try:
+        with urllib.request.urlopen(f"{moto_url}/moto-api/data.json", timeout=5) as r:
+            data = json.load(r)
+    except Exception as e:  # noqa: BLE001 - a miss stays a miss
+        log(f"cannot read moto's sessions: {e}")
+        return
+    for role in data.get("sts", {}).get("AssumedRole", []):
+        if role.get("access_key_id") and role.get("secret_access_key"):
+            creds.add(role["access_key_id"], role["secret_access_key"], role.get("session_token"))
 
 
 class Reject(Exception):
@@ -701,6 +723,7 @@ class Bed:
             preexec_fn=child_preexec(),
         )
         self.moto_url = f"http://127.0.0.1:{self.moto_port}"
+        self.creds.on_miss = lambda: learn_moto_sessions(self.moto_url, self.creds)
 
         self.paths = make_certs(d)
         self.compile_pam_module()

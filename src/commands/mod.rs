@@ -1,4 +1,6 @@
 //! Subcommands besides running the proxy. Each prints for a person and
 //! returns an error with what to do when it cannot.
 
+pub mod policy;
 pub mod token;
+pub mod whoami;

@@ -501,6 +501,41 @@ impl AwsHome {
         home
     }
 
+    /// Profile `app`: a non-SSO role assumed by aws-config itself through
+    /// moto AssumeRole, with the bed's long-term keys as source (a workload
+    /// role, as an instance profile or IRSA would give).
+    pub fn assumed_role(bed: &Bed, role: &str, session: &str) -> AwsHome {
+        let home = AwsHome::empty(bed, "app");
+        let i = &bed.info;
+        home.write(
+            ".aws/config",
+            &format!(
+                "[profile app]\nrole_arn = arn:aws:iam::{}:role/{role}\nsource_profile = base\n\
+                 role_session_name = {session}\nregion = {}\n\n[profile base]\nregion = {}\n",
+                i.account_id, i.region, i.region
+            ),
+        );
+        home.write(
+            ".aws/credentials",
+            &format!(
+                "[base]\naws_access_key_id = {}\naws_secret_access_key = {}\n",
+                i.long_term_access_key_id, i.long_term_secret_access_key
+            ),
+        );
+        home
+    }
+
+    /// Profile `default` with a region and no credentials at all (SAML:
+    /// the proxy gets its credentials from the assertion).
+    pub fn without_credentials(bed: &Bed) -> AwsHome {
+        let home = AwsHome::empty(bed, "default");
+        home.write(
+            ".aws/config",
+            &format!("[default]\nregion = {}\n", bed.info.region),
+        );
+        home
+    }
+
     fn empty(bed: &Bed, profile: &str) -> AwsHome {
         let dir = unique_temp_path("rdsiam-awshome");
         std::fs::create_dir_all(dir.join(".aws/sso/cache")).expect("create AWS home");

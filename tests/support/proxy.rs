@@ -80,6 +80,12 @@ impl ProxyBuilder {
         self
     }
 
+    /// Sets an environment variable for the proxy (after the AWS home's).
+    pub fn env(mut self, key: &str, value: &str) -> Self {
+        self.cmd.env(key, value);
+        self
+    }
+
     /// Drops a default flag.
     pub fn without(mut self, flag: &str) -> Self {
         self.args.retain(|(k, _)| k != flag);
