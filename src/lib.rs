@@ -12,13 +12,20 @@
 //! - [`forward`]: both directions until the session ends.
 //! - [`cancel`]: proxy-issued cancel keys and their upstream targets.
 //!
-//! [`commands`] holds the subcommands (`token`, ...).
+//! [`commands`] holds the subcommands (`token`, `connect`, `doctor`).
+//!
+//! Running it like infrastructure: [`config`] (flags > environment > TOML
+//! file), [`metrics`] and [`admin`] (health and Prometheus over HTTP),
+//! [`activity`] (idle timeout), [`systemd`] (readiness notification);
+//! [`app`] owns the lifecycle (SIGHUP reload, SIGTERM drain).
 //!
 //! [`conn`] strings the stages together for one connection; [`app`] builds
 //! the shared context and runs the listeners. [`pg`] is the sans-I/O wire
 //! protocol, [`tls`] the two TLS configurations, [`error`] what a client is
 //! told when something fails.
 
+pub mod activity;
+pub mod admin;
 pub mod app;
 pub mod cancel;
 pub mod cli;
@@ -31,9 +38,11 @@ pub mod handshake;
 pub mod identity;
 pub mod listener;
 pub mod local_ca;
+pub mod metrics;
 pub mod pg;
 pub mod secret;
 pub mod stream;
+pub mod systemd;
 pub mod tls;
 pub mod token;
 pub mod upstream;
