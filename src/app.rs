@@ -244,7 +244,8 @@ impl Server {
                 if !a.listen.ip().is_loopback() {
                     warn!(admin = %a.listen, "the admin listener is not on loopback: anyone who can reach it sees metrics");
                 }
-                info!("admin listening on {}", a.listen_display(addr));
+                // Not "listening on": that phrase announces client listeners.
+                info!("admin HTTP on {}", a.listen_display(addr));
                 tokio::spawn(crate::admin::serve(l, app.clone(), endpoints.clone()));
                 addr
             }
