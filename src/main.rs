@@ -71,7 +71,9 @@ fn real_main() -> anyhow::Result<u8> {
                 runtime.block_on(rds_iam_proxy::commands::connect::run(config, args.command))
             }
             Command::Doctor(args) => {
-                init_tracing(args.proxy.log_format, "warn");
+                // The checklist says what failed; the SDK's own warnings
+                // would only repeat it.
+                init_tracing(args.proxy.log_format, "error");
                 let config = load_config(&args.proxy, &sub)?;
                 let ok = runtime.block_on(rds_iam_proxy::commands::doctor::run(config));
                 Ok(if ok { 0 } else { 1 })

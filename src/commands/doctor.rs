@@ -91,7 +91,11 @@ pub async fn run(config: Config) -> bool {
     };
 
     for e in &config.endpoints {
-        println!("endpoint {} ({}):", e.name, e.upstream_name());
+        if e.name == e.upstream_name() {
+            println!("endpoint {}:", e.name);
+        } else {
+            println!("endpoint {} ({}):", e.name, e.upstream_name());
+        }
         check_endpoint(
             &mut r,
             &config,
