@@ -185,7 +185,7 @@ pub struct ProxyArgs {
     pub max_connections: usize,
 
     /// End sessions with no traffic either way for this long (57P05); off
-    /// unless given. Checked at this granularity: a session ends between
+    /// unless given (0 also means off). Checked at this granularity: a session ends between
     /// one and two periods of silence.
     #[arg(long, env = "RDS_IAM_PROXY_IDLE_TIMEOUT", value_name = "DURATION", value_parser = parse_duration)]
     pub idle_timeout: Option<Duration>,

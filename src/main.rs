@@ -66,6 +66,10 @@ fn real_main() -> anyhow::Result<u8> {
             }
             Command::Connect(args) => {
                 let config = load_config(&args.proxy, &sub)?;
+                if args.proxy.check_config {
+                    print!("{}", config.render());
+                    return Ok(0);
+                }
                 // The command owns the terminal: the proxy speaks only of problems.
                 init_tracing(config.log_format, "warn");
                 runtime.block_on(rds_iam_proxy::commands::connect::run(config, args.command))
@@ -75,6 +79,10 @@ fn real_main() -> anyhow::Result<u8> {
                 // would only repeat it.
                 init_tracing(args.proxy.log_format, "error");
                 let config = load_config(&args.proxy, &sub)?;
+                if args.proxy.check_config {
+                    print!("{}", config.render());
+                    return Ok(0);
+                }
                 let ok = runtime.block_on(rds_iam_proxy::commands::doctor::run(config));
                 Ok(if ok { 0 } else { 1 })
             }
