@@ -12,6 +12,9 @@ use crate::config::{Config, EndpointConfig};
 use crate::identity::{CachedCredentials, IdentityService};
 use crate::token::{Signer, TokenTarget};
 
+/// Credentials closer to expiry than this cannot sign a usable token.
+const MIN_LEFT: Duration = Duration::from_secs(60);
+
 /// Bound on each network check.
 const CHECK_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -46,6 +49,20 @@ pub async fn run(config: Config) -> bool {
     // 1. Credentials.
     let creds = CachedCredentials::new(sdk.credentials_provider());
     let creds_ok = match creds.get().await {
+        Ok(c)
+            if c.expiry()
+                .is_some_and(|e| e <= SystemTime::now() + MIN_LEFT) =>
+        {
+            r.fail(
+                "AWS credentials",
+                format!(
+                    "found (access key {}), but expired or expiring within a minute",
+                    c.access_key_id()
+                ),
+                format!("sign in again: {login}"),
+            );
+            None
+        }
         Ok(c) => {
             let left = c
                 .expiry()
