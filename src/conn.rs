@@ -235,9 +235,12 @@ async fn run(ctx: Arc<AppContext>, ep: Arc<EndpointContext>, socket: Socket, pee
                 )
             }
             Err((code, message, detail)) => {
-                // Forwarding stopped between two reads: the client gets a
-                // FATAL like the one PostgreSQL sends in the same case, and
-                // the server a Terminate.
+                // Forwarding stopped where it was waiting. A session ended
+                // after the drain or for idleness is almost always at
+                // ReadyForQuery, so the FATAL (the one PostgreSQL sends in
+                // the same case) lands on a message boundary; one caught
+                // mid-result gets it mid-stream and ends all the same. The
+                // server gets a Terminate.
                 let mut out = BytesMut::new();
                 backend::write_error(
                     &mut out,
