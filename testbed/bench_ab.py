@@ -82,7 +82,7 @@ def main():
         env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "PG", "RDS_IAM_PROXY_"))}
         env.update(HOME=str(home), AWS_EC2_METADATA_DISABLED="true", AWS_ENDPOINT_URL=info["moto_url"],
                    AWS_ENDPOINT_URL_STS=info["moto_url"], AWS_ENDPOINT_URL_SSO=info["sso_url"],
-                   AWS_ENDPOINT_URL_SSO_OIDC=info["sso_url"], RDS_IAM_PROXY_LOG="warn")
+                   AWS_ENDPOINT_URL_SSO_OIDC=info["sso_url"], RDS_IAM_PROXY_LOG="info")
         penv = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
         penv["PGSSLMODE"] = "disable"
         pa, port_a = start_proxy(a, info, home, env, "A")
