@@ -11,7 +11,8 @@ COPY Cargo.toml Cargo.lock ./
 COPY src ./src
 COPY certs ./certs
 RUN cargo build --release --locked \
-    && cp target/release/rds-iam-proxy /rds-iam-proxy
+    && cp target/release/rds-iam-proxy /rds-iam-proxy \
+    && strip /rds-iam-proxy
 
 FROM debian:bookworm-slim
 RUN apt-get update \

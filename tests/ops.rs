@@ -278,6 +278,18 @@ async fn health_endpoints_and_metrics_follow_what_happens() {
     let (status, body) = http_get(admin, "/readiness");
     assert_eq!(status, 200, "{body}");
     assert_eq!(http_get(admin, "/nope").0, 404);
+    // Only GET, and a bounded request.
+    let raw = |req: &[u8]| {
+        let mut s = std::net::TcpStream::connect(admin).unwrap();
+        s.set_read_timeout(Some(DEADLINE)).unwrap();
+        let _ = s.write_all(req);
+        let mut resp = String::new();
+        let _ = s.read_to_string(&mut resp);
+        resp
+    };
+    assert!(raw(b"POST /metrics HTTP/1.1\r\n\r\n").starts_with("HTTP/1.1 405"));
+    let huge = format!("GET /metrics HTTP/1.1\r\nX: {}\r\n\r\n", "a".repeat(9000));
+    assert!(raw(huge.as_bytes()).starts_with("HTTP/1.1 431"));
 
     let page = http_get(admin, "/metrics").1;
     assert_eq!(metric(&page, "rds_iam_proxy_tokens_signed_total"), 0.0);
