@@ -1,47 +1,105 @@
-//! Start-up and the running service: builds the shared context once
-//! (configuration, both TLS configurations, AWS identity, cancel keys),
-//! binds the listeners and serves until a shutdown signal.
+//! Start-up and the running service.
+//!
+//! State is split in two: [`AppContext`] is process-wide (configuration,
+//! AWS identity, cancel keys, metrics, the connection limit, the shutdown
+//! phase, the set of connection tasks); [`EndpointContext`] is one per
+//! `[[endpoint]]` (its upstream, region, and the TLS configurations that
+//! SIGHUP swaps). A connection takes a snapshot of both when it starts, so
+//! a reload never touches an established session.
+//!
+//! Lifecycle: bind everything, tell systemd READY=1, then serve until a
+//! signal. SIGHUP reloads; SIGTERM/SIGINT stop accepting, let sessions run
+//! up to `max_sigterm_delay`, end the rest with FATAL 57P01 and return; a
+//! second SIGTERM/SIGINT exits at once with [`EXIT_FORCED`].
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
 
+use arc_swap::ArcSwap;
 use rustls::ServerConfig;
 use thiserror::Error;
+use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::watch;
-use tracing::info;
+use tokio_util::task::TaskTracker;
+use tracing::{error, info, warn};
 
 use crate::cancel::CancelRegistry;
-use crate::config::{ClientTls, Config};
+use crate::config::{ClientTls, Config, ConfigError, EndpointConfig};
 use crate::identity::IdentityService;
 use crate::listener::Listener;
+use crate::metrics::Metrics;
 use crate::peer::{PeerError, PeerPolicy};
 use crate::tls::{self, TlsSetupError};
 use crate::token::Signer;
 use crate::upstream::Endpoint;
 
 /// Warn this long before an SSO login that cannot renew itself ends.
-const EXPIRY_WARNING: std::time::Duration = std::time::Duration::from_secs(10 * 60);
+const EXPIRY_WARNING: Duration = Duration::from_secs(10 * 60);
 
-/// State shared by every connection.
+/// Exit code after a second SIGTERM/SIGINT cut the drain short.
+pub const EXIT_FORCED: i32 = 3;
+
+/// How long sessions ended with 57P01 get to go before the process exits.
+const TERMINATE_GRACE: Duration = Duration::from_secs(5);
+
+/// Where the process is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Phase {
+    Running,
+    /// Not accepting; sessions finish on their own.
+    Draining,
+    /// Sessions are being ended with 57P01.
+    Terminating,
+}
+
+/// Process-wide state shared by every connection.
 #[derive(Debug)]
 pub struct AppContext {
-    pub config: Arc<Config>,
-    pub server_tls: Arc<ServerConfig>,
-    pub endpoint: Arc<Endpoint>,
-    /// `host:port` of the upstream, for messages.
-    pub upstream_name: String,
-    pub region: String,
+    /// The configuration in force; SIGHUP swaps it.
+    pub config: ArcSwap<Config>,
     pub identity: IdentityService,
     pub signer: Signer,
     pub cancels: Arc<CancelRegistry>,
     /// Which local OS users may connect over loopback TCP and unix sockets.
     pub peers: PeerPolicy,
+    pub metrics: Arc<Metrics>,
+    pub phase: watch::Receiver<Phase>,
+    /// Every connection task, so shutdown can wait for them.
+    pub tasks: TaskTracker,
+    /// All listeners are bound.
+    pub started: AtomicBool,
     next_id: AtomicU64,
 }
 
 impl AppContext {
     pub fn next_connection_id(&self) -> u64 {
         self.next_id.fetch_add(1, Ordering::Relaxed) + 1
+    }
+}
+
+/// One endpoint's state.
+#[derive(Debug)]
+pub struct EndpointContext {
+    /// Name in logs and metrics.
+    pub name: String,
+    /// `host:port` of the upstream, for messages.
+    pub upstream_name: String,
+    pub region: String,
+    live: ArcSwap<EndpointTls>,
+}
+
+/// What SIGHUP replaces: both TLS configurations and the dialing options.
+#[derive(Debug)]
+pub struct EndpointTls {
+    pub server_tls: Arc<ServerConfig>,
+    pub endpoint: Arc<Endpoint>,
+}
+
+impl EndpointContext {
+    /// The TLS configurations in force now.
+    pub fn live(&self) -> Arc<EndpointTls> {
+        self.live.load_full()
     }
 }
 
@@ -66,9 +124,9 @@ pub enum StartError {
     },
 }
 
-/// Builds the context: everything that can fail at start-up fails here.
-pub async fn build(config: Config) -> Result<AppContext, StartError> {
-    let server_tls = match &config.client_tls {
+/// Loads an endpoint's TLS configurations (at start and on SIGHUP).
+pub fn endpoint_tls(e: &EndpointConfig, config: &Config) -> Result<EndpointTls, StartError> {
+    let server_tls = match &e.client_tls {
         ClientTls::Files { cert, key } => {
             tls::server_config(cert, key).map_err(StartError::ClientTls)?
         }
@@ -77,95 +135,290 @@ pub async fn build(config: Config) -> Result<AppContext, StartError> {
             if ca.created {
                 info!(ca = %ca.ca_cert.display(), "created a local CA for client connections");
             }
-            info!(
-                "clients can verify the proxy with: sslmode=verify-full sslrootcert={}",
-                ca.ca_cert.display()
-            );
             tls::server_config(&ca.cert, &ca.key).map_err(StartError::ClientTls)?
         }
     };
-    let upstream_tls = tls::client_config(&config.upstream_ca).map_err(StartError::UpstreamCa)?;
+    let upstream_tls = tls::client_config(&e.upstream_ca).map_err(StartError::UpstreamCa)?;
+    Ok(EndpointTls {
+        server_tls,
+        endpoint: Arc::new(Endpoint {
+            host: e.upstream_host.clone(),
+            port: e.upstream_port,
+            connect_to: e.connect_to.clone(),
+            connect_timeout: config.connect_timeout,
+            tls: upstream_tls,
+        }),
+    })
+}
+
+/// Builds the contexts: everything that can fail at start-up, except
+/// binding, fails here.
+pub async fn build(
+    config: Config,
+) -> Result<
+    (
+        Arc<AppContext>,
+        Vec<Arc<EndpointContext>>,
+        watch::Sender<Phase>,
+    ),
+    StartError,
+> {
+    let first_region = config.endpoints.iter().find_map(|e| e.region.clone());
     let sdk =
-        IdentityService::load_sdk_config(config.profile.as_deref(), config.region.as_deref()).await;
-    let region = config
-        .region
-        .clone()
-        .or_else(|| sdk.region().map(|r| r.to_string()))
-        .ok_or(StartError::NoRegion)?;
+        IdentityService::load_sdk_config(config.profile.as_deref(), first_region.as_deref()).await;
+    let mut endpoints = Vec::new();
+    for e in &config.endpoints {
+        let region = e
+            .region
+            .clone()
+            .or_else(|| sdk.region().map(|r| r.to_string()))
+            .ok_or(StartError::NoRegion)?;
+        let live = endpoint_tls(e, &config)?;
+        if let ClientTls::Local { state_dir } = &e.client_tls {
+            info!(
+                endpoint = %e.name,
+                "clients can verify the proxy with: sslmode=verify-full sslrootcert={}",
+                state_dir.join("ca.crt").display()
+            );
+        }
+        endpoints.push(Arc::new(EndpointContext {
+            name: e.name.clone(),
+            upstream_name: e.upstream_name(),
+            region,
+            live: ArcSwap::from_pointee(live),
+        }));
+    }
     let peers = PeerPolicy::from_allow_list(crate::peer::own_uid()?, &config.allow_local_users)?;
     let identity = IdentityService::new(&sdk, config.identity.clone());
-    let endpoint = Arc::new(Endpoint {
-        host: config.upstream_host.clone(),
-        port: config.upstream_port,
-        connect_to: config.connect_to.clone(),
-        connect_timeout: config.connect_timeout,
-        tls: upstream_tls,
-    });
-    Ok(AppContext {
-        upstream_name: endpoint.name(),
-        config: Arc::new(config),
-        server_tls,
-        endpoint,
-        region,
+    let (phase_tx, phase) = watch::channel(Phase::Running);
+    let app = Arc::new(AppContext {
+        config: ArcSwap::from_pointee(config),
         identity,
         signer: Signer::default(),
         cancels: Arc::new(CancelRegistry::default()),
         peers,
+        metrics: Arc::new(Metrics::default()),
+        phase,
+        tasks: TaskTracker::new(),
+        started: AtomicBool::new(false),
         next_id: AtomicU64::new(0),
-    })
+    });
+    Ok((app, endpoints, phase_tx))
 }
 
-/// Binds the listeners, reports who the proxy acts for, and serves until
-/// SIGINT or SIGTERM.
-pub async fn run(config: Config) -> Result<(), StartError> {
-    let ctx = Arc::new(build(config).await?);
-    let mut listeners = Vec::new();
-    for addr in &ctx.config.listen {
-        let l = Listener::tcp(*addr)
-            .await
-            .map_err(|source| StartError::Bind {
-                what: addr.to_string(),
-                source,
-            })?;
-        listeners.push(l);
-    }
-    if let Some(dir) = &ctx.config.unix_socket {
-        let l = Listener::unix(dir, ctx.config.unix_socket_port()).map_err(|source| {
-            StartError::Bind {
-                what: dir.display().to_string(),
-                source,
+/// A started proxy: listeners bound and accepting.
+pub struct Server {
+    pub app: Arc<AppContext>,
+    pub endpoints: Vec<Arc<EndpointContext>>,
+    phase: watch::Sender<Phase>,
+    accept_loops: Vec<tokio::task::JoinHandle<()>>,
+    /// Where the admin listener is, when on.
+    pub admin_addr: Option<std::net::SocketAddr>,
+}
+
+impl Server {
+    /// Builds, binds every listener and starts accepting.
+    pub async fn start(config: Config) -> Result<Server, StartError> {
+        let (app, endpoints, phase) = build(config).await?;
+        let config = app.config.load_full();
+        let mut bound = Vec::new();
+        for (e, ep) in config.endpoints.iter().zip(&endpoints) {
+            for addr in &e.listen {
+                let l = Listener::tcp(*addr)
+                    .await
+                    .map_err(|source| StartError::Bind {
+                        what: addr.to_string(),
+                        source,
+                    })?;
+                bound.push((l, ep.clone()));
             }
-        })?;
-        listeners.push(l);
+            if let Some(dir) = &e.unix_socket {
+                let l = Listener::unix(dir, e.unix_socket_port()).map_err(|source| {
+                    StartError::Bind {
+                        what: dir.display().to_string(),
+                        source,
+                    }
+                })?;
+                bound.push((l, ep.clone()));
+            }
+        }
+        let admin_addr = match &config.admin {
+            Some(a) => {
+                let l = tokio::net::TcpListener::bind(a.listen)
+                    .await
+                    .map_err(|source| StartError::Bind {
+                        what: format!("{} (admin)", a.listen),
+                        source,
+                    })?;
+                let addr = l.local_addr().ok();
+                if !a.listen.ip().is_loopback() {
+                    warn!(admin = %a.listen, "the admin listener is not on loopback: anyone who can reach it sees metrics");
+                }
+                // Not "listening on": that phrase announces client listeners.
+                info!("admin HTTP on {}", a.listen_display(addr));
+                tokio::spawn(crate::admin::serve(l, app.clone(), endpoints.clone()));
+                addr
+            }
+            None => None,
+        };
+
+        crate::banner::log(&app, &endpoints).await;
+        // Lives as long as the process: warns before an SSO login that
+        // cannot renew itself ends.
+        tokio::spawn({
+            let app = app.clone();
+            async move { app.identity.watch_expiry(EXPIRY_WARNING).await }
+        });
+
+        let mut accept_loops = Vec::new();
+        for (l, ep) in bound {
+            info!(
+                endpoint = %ep.name,
+                upstream = %ep.upstream_name,
+                region = %ep.region,
+                "listening on {}",
+                l.describe()
+            );
+            accept_loops.push(tokio::spawn(l.serve(app.clone(), ep)));
+        }
+        app.started.store(true, Ordering::Release);
+        Ok(Server {
+            app,
+            endpoints,
+            phase,
+            accept_loops,
+            admin_addr,
+        })
     }
 
-    crate::banner::log(&ctx).await;
-    let watcher = {
-        let ctx = ctx.clone();
-        tokio::spawn(async move { ctx.identity.watch_expiry(EXPIRY_WARNING).await })
-    };
+    /// Re-reads the configuration and swaps what can change without
+    /// touching established sessions: TLS files, CA bundles, timeouts,
+    /// limits. Listener addresses and endpoints need a restart; a reload
+    /// that changes them, or fails to load, is refused and the old
+    /// configuration stays.
+    pub fn reload(&self, new: Result<Config, ConfigError>) -> Result<(), String> {
+        let new = new.map_err(|e| e.to_string())?;
+        let old = self.app.config.load_full();
+        if new.endpoints.len() != old.endpoints.len()
+            || new.endpoints.iter().zip(&old.endpoints).any(|(a, b)| {
+                a.name != b.name
+                    || a.listen != b.listen
+                    || a.unix_socket != b.unix_socket
+                    || a.upstream_host != b.upstream_host
+                    || a.upstream_port != b.upstream_port
+            })
+            || new.admin.as_ref().map(|a| a.listen) != old.admin.as_ref().map(|a| a.listen)
+        {
+            return Err(
+                "endpoints, upstreams, listen addresses and the admin address can change only with a restart".into(),
+            );
+        }
+        let mut live = Vec::new();
+        for e in &new.endpoints {
+            live.push(
+                endpoint_tls(e, &new).map_err(|err| format!("endpoint {:?}: {err}", e.name))?,
+            );
+        }
+        for (ep, l) in self.endpoints.iter().zip(live) {
+            ep.live.store(Arc::new(l));
+        }
+        self.app.config.store(Arc::new(new));
+        Ok(())
+    }
 
-    let (stop, stopped) = watch::channel(false);
-    let mut tasks = Vec::new();
-    for l in listeners {
-        info!(upstream = %ctx.upstream_name, "listening on {}", l.describe());
-        tasks.push(tokio::spawn(l.serve(ctx.clone(), stopped.clone())));
+    /// Stops accepting, waits up to `max_sigterm_delay` for sessions (or
+    /// until `hurry` resolves), then ends the rest with 57P01.
+    pub async fn shutdown(self, hurry: impl std::future::Future<Output = ()>) -> bool {
+        let _ = self.phase.send(Phase::Draining);
+        for t in self.accept_loops {
+            let _ = t.await;
+        }
+        self.app.tasks.close();
+        let delay = self.app.config.load().max_sigterm_delay;
+        let open = self.app.tasks.len();
+        if open > 0 {
+            info!(
+                open,
+                "waiting up to {}s for sessions to finish",
+                delay.as_secs()
+            );
+        }
+        tokio::pin!(hurry);
+        let forced = tokio::select! {
+            _ = self.app.tasks.wait() => false,
+            _ = tokio::time::sleep(delay) => false,
+            _ = &mut hurry => true,
+        };
+        if forced {
+            return true;
+        }
+        if !self.app.tasks.is_empty() {
+            info!(
+                open = self.app.tasks.len(),
+                "ending the remaining sessions (57P01)"
+            );
+            let _ = self.phase.send(Phase::Terminating);
+            tokio::select! {
+                _ = self.app.tasks.wait() => {}
+                _ = tokio::time::sleep(TERMINATE_GRACE) => {}
+                _ = &mut hurry => return true,
+            }
+        }
+        // Hook: flush the audit trail here, before the process exits.
+        false
     }
-    shutdown_signal().await;
-    watcher.abort();
-    info!("shutting down");
-    let _ = stop.send(true);
-    for t in tasks {
-        let _ = t.await;
-    }
-    Ok(())
 }
 
-async fn shutdown_signal() {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term.recv() => {}
+impl crate::config::AdminConfig {
+    fn listen_display(&self, bound: Option<std::net::SocketAddr>) -> String {
+        bound.unwrap_or(self.listen).to_string()
     }
+}
+
+/// Re-reads the configuration for SIGHUP.
+pub type Reloader = Box<dyn Fn() -> Result<Config, ConfigError> + Send + Sync>;
+
+/// Runs the proxy until SIGTERM/SIGINT. Returns the exit code.
+pub async fn run(config: Config, reloader: Reloader) -> Result<i32, StartError> {
+    // Handlers first, so a signal during start-up is not the default
+    // action (which would kill the process without a drain).
+    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+    let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
+    let mut hup = signal(SignalKind::hangup()).expect("SIGHUP handler");
+    let server = Server::start(config).await?;
+    crate::systemd::notify("READY=1");
+    loop {
+        tokio::select! {
+            _ = term.recv() => break,
+            _ = int.recv() => break,
+            _ = hup.recv() => {
+                crate::systemd::notify("RELOADING=1");
+                match server.reload(reloader()) {
+                    Ok(()) => {
+                        server.app.metrics.reload("ok");
+                        info!("configuration reloaded; established sessions are unchanged");
+                    }
+                    Err(e) => {
+                        server.app.metrics.reload("failed");
+                        error!(error = %e, "reload refused; the old configuration stays in force");
+                    }
+                }
+                crate::systemd::notify("READY=1");
+            }
+        }
+    }
+    info!("shutting down: no new connections");
+    crate::systemd::notify("STOPPING=1");
+    let second = async {
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
+    };
+    if server.shutdown(second).await {
+        warn!("second signal: exiting at once");
+        return Ok(EXIT_FORCED);
+    }
+    info!("stopped");
+    Ok(0)
 }

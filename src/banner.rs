@@ -5,25 +5,38 @@ use std::time::SystemTime;
 
 use tracing::{info, warn};
 
-use crate::app::AppContext;
+use std::sync::Arc;
+
+use crate::app::{AppContext, EndpointContext};
 use crate::identity::{Identity, SourceKind, sso};
 
 /// One line a person can read, plus the fields for machines.
-pub async fn log(ctx: &AppContext) {
+pub async fn log(ctx: &AppContext, endpoints: &[Arc<EndpointContext>]) {
     let source = ctx.identity.kind();
+    let upstream = endpoints
+        .iter()
+        .map(|e| e.upstream_name.as_str())
+        .collect::<Vec<_>>()
+        .join(", ");
+    let region = endpoints
+        .iter()
+        .map(|e| e.region.as_str())
+        .collect::<Vec<_>>()
+        .join(", ");
     match ctx.identity.current().await {
-        Ok((_, id)) => {
+        Ok((creds, id)) => {
+            ctx.metrics.observe_credentials(creds.expiry());
             let users = ctx.identity.db_users(&id);
             info!(
                 source = source.as_str(),
                 person = %id.user_name,
                 arn = %id.arn,
                 account = %id.account,
-                upstream = %ctx.upstream_name,
-                region = %ctx.region,
+                upstream = %upstream,
+                region = %region,
                 local_users = %ctx.peers.describe(),
                 "{}",
-                describe(&id, &users, &ctx.upstream_name, SystemTime::now())
+                describe(&id, &users, &upstream, SystemTime::now())
             );
             if let Some(skew) = ctx.identity.clock_skew() {
                 warn!(
@@ -35,7 +48,7 @@ pub async fn log(ctx: &AppContext) {
         }
         Err(e) => warn!(
             source = source.as_str(),
-            upstream = %ctx.upstream_name,
+            upstream = %upstream,
             error = %e,
             "AWS identity not available yet; connections will be refused until it is"
         ),

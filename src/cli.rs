@@ -45,6 +45,12 @@ pub enum Command {
     /// Print the IAM policy and the SQL that IAM database authentication
     /// through this proxy needs.
     Policy(PolicyArgs),
+    /// Run a command (psql by default) through a private proxy on a unix
+    /// socket, with PGHOST/PGPORT/PGUSER set for it; exits with its status.
+    Connect(ConnectArgs),
+    /// Check credentials, identity, region, DNS, reachability, TLS and token
+    /// signing in order, and print what to fix.
+    Doctor(DoctorArgs),
 }
 
 /// `rds-iam-proxy whoami`.
@@ -73,6 +79,24 @@ pub struct PolicyArgs {
     /// Database users to write the SQL for [default: a placeholder].
     #[arg(long = "user", value_name = "USER")]
     pub users: Vec<String>,
+}
+
+/// `rds-iam-proxy connect`.
+#[derive(Debug, Clone, Args)]
+pub struct ConnectArgs {
+    #[command(flatten)]
+    pub proxy: ProxyArgs,
+
+    /// The command and its arguments [default: psql].
+    #[arg(last = true, value_name = "COMMAND")]
+    pub command: Vec<std::ffi::OsString>,
+}
+
+/// `rds-iam-proxy doctor`.
+#[derive(Debug, Clone, Args)]
+pub struct DoctorArgs {
+    #[command(flatten)]
+    pub proxy: ProxyArgs,
 }
 
 /// AWS identity options shared by the proxy and the subcommands.
@@ -156,6 +180,15 @@ pub struct TokenArgs {
 /// The proxy's own options.
 #[derive(Debug, Clone, Args)]
 pub struct ProxyArgs {
+    /// TOML configuration file. Flags and RDS_IAM_PROXY_* variables override
+    /// its values; see docs/configuration.md.
+    #[arg(long, env = "RDS_IAM_PROXY_CONFIG", value_name = "FILE")]
+    pub config: Option<PathBuf>,
+
+    /// Validate the configuration, print the effective one and exit.
+    #[arg(long)]
+    pub check_config: bool,
+
     /// The Aurora/RDS endpoint name: tokens are signed for it and the
     /// server certificate must name it. Port 5432 unless given. Required.
     #[arg(long, env = "RDS_IAM_PROXY_UPSTREAM", value_name = "HOST[:PORT]")]
@@ -237,6 +270,36 @@ pub struct ProxyArgs {
     /// Time allowed for the whole upstream login (TLS, token, greeting).
     #[arg(long, env = "RDS_IAM_PROXY_LOGIN_TIMEOUT", value_name = "DURATION", default_value = "30s", value_parser = parse_duration)]
     pub login_timeout: Duration,
+
+    /// Most client connections at once; beyond it clients get FATAL 53300
+    /// at once.
+    #[arg(
+        long,
+        env = "RDS_IAM_PROXY_MAX_CONNECTIONS",
+        value_name = "N",
+        default_value_t = 500
+    )]
+    pub max_connections: usize,
+
+    /// End sessions with no traffic either way for this long (57P05); off
+    /// unless given (0 also means off). Checked at this granularity: a session ends between
+    /// one and two periods of silence.
+    #[arg(long, env = "RDS_IAM_PROXY_IDLE_TIMEOUT", value_name = "DURATION", value_parser = parse_duration)]
+    pub idle_timeout: Option<Duration>,
+
+    /// After SIGTERM/SIGINT, time sessions get to finish before they are
+    /// ended with FATAL 57P01.
+    #[arg(long, env = "RDS_IAM_PROXY_MAX_SIGTERM_DELAY", value_name = "DURATION", default_value = "20s", value_parser = parse_duration)]
+    pub max_sigterm_delay: Duration,
+
+    /// Serve /startup, /liveness, /readiness and /metrics over HTTP on this
+    /// address (a bare port means 127.0.0.1:PORT) [default: off].
+    #[arg(long, env = "RDS_IAM_PROXY_ADMIN_LISTEN", value_name = "ADDR|PORT")]
+    pub admin_listen: Option<String>,
+
+    /// /readiness also opens TCP+TLS to each upstream.
+    #[arg(long, env = "RDS_IAM_PROXY_ADMIN_UPSTREAM_CHECK")]
+    pub admin_upstream_check: bool,
 
     /// Log format on stderr.
     #[arg(long, env = "RDS_IAM_PROXY_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]

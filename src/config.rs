@@ -1,47 +1,110 @@
-//! The validated configuration, built once from the command line and then
-//! shared read-only as `Arc<Config>`.
+//! The validated configuration, built once at start-up (and again on
+//! SIGHUP) and then shared read-only.
+//!
+//! Layers, highest first: command-line flags, `RDS_IAM_PROXY_*` variables
+//! (clap reads both), the TOML file named by `--config`, built-in defaults.
+//! Clap tells which flags were really given ([`Given`]); a flag left at its
+//! default does not hide the file's value.
+//!
+//! The file (docs/configuration.md has the full reference):
+//!
+//! ```toml
+//! max_connections = 200          # process-wide keys at the top
+//! [admin]
+//! listen = "127.0.0.1:9090"
+//! [[endpoint]]                   # one table per Aurora endpoint
+//! name = "writer"
+//! upstream = "db.cluster-abc.eu-west-1.rds.amazonaws.com"
+//! listen = ["127.0.0.1:5432"]
+//! ```
+//!
+//! Adding a feature's options: give the feature a `#[derive(Args)]` struct
+//! flattened into `ProxyArgs`, a `#[derive(Deserialize)]` table struct added
+//! to [`FileConfig`] as an `Option<...>` field (a top-level `[feature]`
+//! table; unknown keys stay errors because every struct is
+//! `deny_unknown_fields`), a validated sub-struct of [`Config`] built in
+//! [`Config::load`] with the same flag-over-file rule (see `pick`), and a
+//! section in [`Config::render`].
 
-use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::fmt::Write as _;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use serde::Deserialize;
 use thiserror::Error;
 
-use crate::cli::{LogFormat, ProxyArgs};
+use crate::cli::{LogFormat, ProxyArgs, parse_duration};
 use crate::identity::{IdentityOptions, OptionsError};
 use crate::tls::UpstreamCa;
 
 /// Default PostgreSQL port.
 pub const DEFAULT_PORT: u16 = 5432;
 
-#[derive(Debug, Clone)]
+/// Which flags were given on the command line or through the environment
+/// (by clap argument id, e.g. `"listen"`), as opposed to left at default.
+pub type Given<'a> = &'a dyn Fn(&str) -> bool;
+
+#[derive(Debug, Clone, PartialEq)]
 pub struct Config {
+    /// One or more endpoints, each with its own listeners.
+    pub endpoints: Vec<EndpointConfig>,
+    /// AWS profile [default: the standard chain].
+    pub profile: Option<String>,
+    /// Identity source and its settings (read once at start-up: a SAML
+    /// assertion may come from stdin, so a reload keeps these).
+    pub identity: IdentityOptions,
+    /// `--allow-local-user` values (names, uids or `any`), resolved at start.
+    pub allow_local_users: Vec<String>,
+    /// Time a client has to finish TLS and send its startup packet.
+    pub handshake_timeout: Duration,
+    /// Time allowed for the TCP connection to the upstream.
+    pub connect_timeout: Duration,
+    /// Time allowed for the whole upstream login.
+    pub login_timeout: Duration,
+    /// Sessions silent both ways this long are ended [default: never].
+    pub idle_timeout: Option<Duration>,
+    /// Most client connections at once, all endpoints together.
+    pub max_connections: usize,
+    /// Drain time after SIGTERM before sessions get 57P01.
+    pub max_sigterm_delay: Duration,
+    /// The admin HTTP listener [default: off].
+    pub admin: Option<AdminConfig>,
+    pub log_format: LogFormat,
+    /// The file this came from, re-read on SIGHUP.
+    pub file: Option<PathBuf>,
+}
+
+/// One Aurora endpoint and where the proxy listens for it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct EndpointConfig {
+    /// Name in logs and metrics [default: the upstream HOST:PORT].
+    pub name: String,
     /// Endpoint name (lowercase) that tokens are signed for and TLS checks.
     pub upstream_host: String,
     pub upstream_port: u16,
     /// Address dialled instead of the endpoint name, if any.
     pub connect_to: Option<String>,
     pub upstream_ca: UpstreamCa,
-    /// Region from --region or the endpoint name; `None` means "ask the
-    /// AWS configuration".
+    /// Region from the configuration or the endpoint name; `None` means
+    /// "ask the AWS configuration".
     pub region: Option<String>,
-    pub profile: Option<String>,
-    /// Identity source and its settings.
-    pub identity: IdentityOptions,
-    /// `--allow-local-user` values (names, uids or `any`), resolved at start.
-    pub allow_local_users: Vec<String>,
     pub listen: Vec<SocketAddr>,
     /// Directory for the unix socket.
     pub unix_socket: Option<PathBuf>,
     pub client_tls: ClientTls,
-    pub handshake_timeout: Duration,
-    pub connect_timeout: Duration,
-    pub login_timeout: Duration,
-    pub log_format: LogFormat,
+}
+
+/// The admin HTTP listener.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AdminConfig {
+    pub listen: SocketAddr,
+    /// /readiness also opens TCP+TLS to every upstream.
+    pub upstream_check: bool,
 }
 
 /// The certificate shown to clients.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ClientTls {
     Files {
         cert: PathBuf,
@@ -56,74 +119,512 @@ pub enum ClientTls {
 #[derive(Debug, Error, PartialEq, Eq)]
 pub enum ConfigError {
     #[error(
-        "--upstream is required: the Aurora endpoint name, e.g. mydb.cluster-abc.eu-west-1.rds.amazonaws.com"
+        "--upstream is required: the Aurora endpoint name, e.g. mydb.cluster-abc.eu-west-1.rds.amazonaws.com (or an [[endpoint]] table in --config)"
     )]
     NoUpstream,
-    #[error("--upstream {0:?}: expected HOST or HOST:PORT")]
-    BadUpstream(String),
-    #[error("--connect-to {0:?}: expected HOST:PORT")]
-    BadConnectTo(String),
-    #[error("--region {0:?} does not look like an AWS region (e.g. eu-west-1)")]
-    BadRegion(String),
-    #[error("no listen address: give --listen or --unix-socket")]
-    NoListener,
+    #[error("{0} {1:?}: expected HOST or HOST:PORT")]
+    BadUpstream(String, String),
+    #[error("{0} {1:?}: expected HOST:PORT")]
+    BadConnectTo(String, String),
+    #[error("{0} {1:?} does not look like an AWS region (e.g. eu-west-1)")]
+    BadRegion(String, String),
+    #[error("{0}: no listen address: give listen or unix_socket (--listen / --unix-socket)")]
+    NoListener(String),
+    #[error("{key} {value:?}: {problem}")]
+    BadValue {
+        key: String,
+        value: String,
+        problem: String,
+    },
+    #[error("{key}: {problem}")]
+    Conflict { key: String, problem: String },
+    #[error("cannot read the configuration file {path}: {message}")]
+    ReadFile { path: String, message: String },
+    #[error("configuration file {path}: {message}")]
+    ParseFile { path: String, message: String },
     #[error(transparent)]
     Identity(#[from] OptionsError),
 }
 
+/// The TOML file. Every table denies unknown keys so a typo is an error,
+/// not a silently ignored setting.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    pub region: Option<String>,
+    pub profile: Option<String>,
+    pub state_dir: Option<PathBuf>,
+    pub handshake_timeout: Option<String>,
+    pub connect_timeout: Option<String>,
+    pub login_timeout: Option<String>,
+    pub idle_timeout: Option<String>,
+    pub max_connections: Option<usize>,
+    pub max_sigterm_delay: Option<String>,
+    pub log_format: Option<String>,
+    pub admin: Option<AdminFile>,
+    #[serde(default)]
+    pub endpoint: Vec<EndpointFile>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminFile {
+    pub listen: String,
+    pub upstream_check: Option<bool>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EndpointFile {
+    pub name: Option<String>,
+    pub upstream: Option<String>,
+    pub listen: Option<Vec<String>>,
+    pub unix_socket: Option<PathBuf>,
+    pub connect_to: Option<String>,
+    pub upstream_ca: Option<PathBuf>,
+    pub tls_cert: Option<PathBuf>,
+    pub tls_key: Option<PathBuf>,
+    pub region: Option<String>,
+}
+
+/// Facts from the process's environment, passed in so loading stays
+/// testable and so what is read once stays read once.
+#[derive(Debug, Clone, Default)]
+pub struct Env {
+    pub home: Option<PathBuf>,
+    pub xdg_state_home: Option<PathBuf>,
+    /// The identity options, read once at start-up (a SAML assertion may
+    /// come from stdin); a SIGHUP reload keeps them.
+    pub identity: IdentityOptions,
+}
+
+impl Env {
+    pub fn from_process(identity: IdentityOptions) -> Self {
+        Env {
+            home: std::env::var_os("HOME").map(Into::into),
+            xdg_state_home: std::env::var_os("XDG_STATE_HOME").map(Into::into),
+            identity,
+        }
+    }
+}
+
+/// Flags that describe one endpoint.
+const ENDPOINT_FLAGS: &[&str] = &[
+    "upstream",
+    "listen",
+    "unix_socket",
+    "connect_to",
+    "upstream_ca",
+    "tls_cert",
+    "tls_key",
+];
+
 impl Config {
-    /// Validates the command line. `home`/`xdg_state_home` come from the
-    /// environment and are passed in so this stays pure.
+    /// The command line alone, every flag taken as given (no file).
     pub fn from_cli(
         cli: &ProxyArgs,
         home: Option<PathBuf>,
         xdg_state_home: Option<PathBuf>,
     ) -> Result<Self, ConfigError> {
-        let upstream = cli.upstream.as_deref().ok_or(ConfigError::NoUpstream)?;
-        let (host, port) = parse_upstream(upstream)?;
-        if let Some(c) = &cli.connect_to
-            && split_host_port(c, 0).is_none_or(|(_, p)| p == 0)
-        {
-            return Err(ConfigError::BadConnectTo(c.clone()));
-        }
-        let region = resolve_region(cli.aws.region.as_deref(), &host)?;
-        if cli.listen.is_empty() && cli.unix_socket.is_none() {
-            return Err(ConfigError::NoListener);
-        }
-        let client_tls = match (&cli.tls_cert, &cli.tls_key) {
-            (Some(cert), Some(key)) => ClientTls::Files {
-                cert: cert.clone(),
-                key: key.clone(),
+        Self::load(
+            cli,
+            &|_| true,
+            &Env {
+                home,
+                xdg_state_home,
+                identity: cli.aws.identity_options()?,
             },
-            _ => ClientTls::Local {
-                state_dir: cli
-                    .state_dir
-                    .clone()
-                    .unwrap_or_else(|| crate::local_ca::default_state_dir(xdg_state_home, home)),
-            },
+        )
+    }
+
+    /// Reads `--config` (if any) and merges it under the flags.
+    pub fn load(cli: &ProxyArgs, given: Given<'_>, env: &Env) -> Result<Self, ConfigError> {
+        let file = match &cli.config {
+            Some(path) => {
+                let text = std::fs::read_to_string(path).map_err(|e| ConfigError::ReadFile {
+                    path: path.display().to_string(),
+                    message: e.to_string(),
+                })?;
+                Some((path.clone(), parse_file(path, &text)?))
+            }
+            None => None,
         };
-        Ok(Config {
-            region,
-            upstream_host: host,
-            upstream_port: port,
-            connect_to: cli.connect_to.clone(),
-            upstream_ca: match &cli.upstream_ca {
-                Some(p) => UpstreamCa::File(p.clone()),
-                None => UpstreamCa::RdsBundle,
+        Self::merge(cli, given, file, env)
+    }
+
+    /// Merges flags over a parsed file and validates the result.
+    pub fn merge(
+        cli: &ProxyArgs,
+        given: Given<'_>,
+        file: Option<(PathBuf, FileConfig)>,
+        env: &Env,
+    ) -> Result<Self, ConfigError> {
+        let (path, f) = match file {
+            Some((p, f)) => (Some(p), f),
+            None => (None, FileConfig::default()),
+        };
+        let fk = |key: &str| match &path {
+            Some(p) => format!("{key} in {}", p.display()),
+            None => key.to_owned(),
+        };
+        let duration =
+            |flag: &str, flag_value: Duration, file_value: &Option<String>| match file_value {
+                Some(v) if !given(flag) => {
+                    parse_duration(v).map_err(|problem| ConfigError::BadValue {
+                        key: fk(flag),
+                        value: v.clone(),
+                        problem,
+                    })
+                }
+                _ => Ok(flag_value),
+            };
+        let handshake_timeout = duration(
+            "handshake_timeout",
+            cli.handshake_timeout,
+            &f.handshake_timeout,
+        )?;
+        let connect_timeout = duration("connect_timeout", cli.connect_timeout, &f.connect_timeout)?;
+        let login_timeout = duration("login_timeout", cli.login_timeout, &f.login_timeout)?;
+        let max_sigterm_delay = duration(
+            "max_sigterm_delay",
+            cli.max_sigterm_delay,
+            &f.max_sigterm_delay,
+        )?;
+        let idle_timeout = match (&cli.idle_timeout, &f.idle_timeout) {
+            (Some(d), _) => Some(*d),
+            (None, Some(v)) => {
+                Some(parse_duration(v).map_err(|problem| ConfigError::BadValue {
+                    key: fk("idle_timeout"),
+                    value: v.clone(),
+                    problem,
+                })?)
+            }
+            (None, None) => None,
+        }
+        .filter(|d| !d.is_zero());
+        for (key, d) in [
+            ("handshake_timeout", handshake_timeout),
+            ("connect_timeout", connect_timeout),
+            ("login_timeout", login_timeout),
+        ] {
+            if d.is_zero() {
+                return Err(ConfigError::BadValue {
+                    key: key.into(),
+                    value: "0".into(),
+                    problem: "must be more than zero".into(),
+                });
+            }
+        }
+        let max_connections = pick(
+            given("max_connections"),
+            cli.max_connections,
+            f.max_connections,
+        );
+        if max_connections == 0 {
+            return Err(ConfigError::BadValue {
+                key: "max_connections".into(),
+                value: "0".into(),
+                problem: "must be at least 1".into(),
+            });
+        }
+        let log_format = match (&f.log_format, given("log_format")) {
+            (Some(v), false) => match v.as_str() {
+                "text" => LogFormat::Text,
+                "json" => LogFormat::Json,
+                _ => {
+                    return Err(ConfigError::BadValue {
+                        key: fk("log_format"),
+                        value: v.clone(),
+                        problem: "use \"text\" or \"json\"".into(),
+                    });
+                }
             },
-            profile: cli.aws.profile.clone(),
-            identity: cli.aws.identity_options()?,
+            _ => cli.log_format,
+        };
+        let admin = match (&cli.admin_listen, &f.admin) {
+            (Some(l), file_admin) => Some(AdminConfig {
+                listen: parse_admin_listen("--admin-listen", l)?,
+                upstream_check: cli.admin_upstream_check
+                    || file_admin.as_ref().and_then(|a| a.upstream_check) == Some(true),
+            }),
+            (None, Some(a)) => Some(AdminConfig {
+                listen: parse_admin_listen(&fk("admin.listen"), &a.listen)?,
+                upstream_check: cli.admin_upstream_check || a.upstream_check == Some(true),
+            }),
+            (None, None) => None,
+        };
+        let profile = cli.aws.profile.clone().or(f.profile.clone());
+        let global_region = match (&cli.aws.region, &f.region) {
+            (Some(r), _) => Some(("--region".to_owned(), r.clone())),
+            (None, Some(r)) => Some((fk("region"), r.clone())),
+            (None, None) => None,
+        };
+        let state_dir = cli
+            .state_dir
+            .clone()
+            .or(f.state_dir.clone())
+            .unwrap_or_else(|| {
+                crate::local_ca::default_state_dir(env.xdg_state_home.clone(), env.home.clone())
+            });
+
+        // Endpoints: the flags make one, or override the file's only one.
+        let endpoint_flags_given = ENDPOINT_FLAGS.iter().any(|k| given(k))
+            && (cli.upstream.is_some() || !f.endpoint.is_empty());
+        let mut files = f.endpoint;
+        if files.len() > 1 && endpoint_flags_given {
+            let flags: Vec<String> = ENDPOINT_FLAGS
+                .iter()
+                .filter(|k| given(k))
+                .map(|k| format!("--{}", k.replace('_', "-")))
+                .collect();
+            return Err(ConfigError::Conflict {
+                key: flags.join(", "),
+                problem: format!(
+                    "the file has {} [[endpoint]] tables; endpoint flags apply only to a single endpoint: set these in the file instead",
+                    files.len()
+                ),
+            });
+        }
+        if files.is_empty() {
+            files.push(EndpointFile::default());
+        }
+        let single = files.len() == 1;
+        let mut endpoints = Vec::with_capacity(files.len());
+        for (i, e) in files.into_iter().enumerate() {
+            let key = |k: &str| match &path {
+                Some(p) => format!("endpoint[{}].{k} in {}", i + 1, p.display()),
+                None => format!("--{}", k.replace('_', "-")),
+            };
+            // A flag wins over the file only when the flag was given; with
+            // no file value the flag's default applies.
+            let flag = |id: &str| single && given(id);
+            let upstream = match (&cli.upstream, &e.upstream) {
+                (Some(u), _) if flag("upstream") || e.upstream.is_none() => {
+                    ("--upstream".to_owned(), u.clone())
+                }
+                (_, Some(u)) => (key("upstream"), u.clone()),
+                (_, None) => return Err(ConfigError::NoUpstream),
+            };
+            let (host, port) = split_host_port(&upstream.1, DEFAULT_PORT)
+                .ok_or_else(|| ConfigError::BadUpstream(upstream.0.clone(), upstream.1.clone()))?;
+            let host = host.to_ascii_lowercase();
+            let connect_to = match (&cli.connect_to, &e.connect_to) {
+                (Some(c), _) if flag("connect_to") || e.connect_to.is_none() => {
+                    Some(("--connect-to".to_owned(), c.clone()))
+                }
+                (_, Some(c)) => Some((key("connect_to"), c.clone())),
+                _ => None,
+            };
+            if let Some((k, c)) = &connect_to
+                && split_host_port(c, 0).is_none_or(|(_, p)| p == 0)
+            {
+                return Err(ConfigError::BadConnectTo(k.clone(), c.clone()));
+            }
+            let region = match (&e.region, &global_region) {
+                (Some(r), _) if !(single && given("region")) => Some((key("region"), r.clone())),
+                (_, Some(g)) => Some(g.clone()),
+                _ => None,
+            };
+            let region = match region {
+                Some((k, r)) if !valid_region(&r) => return Err(ConfigError::BadRegion(k, r)),
+                Some((_, r)) => Some(r),
+                None => region_from_host(&host),
+            };
+            let listen = match &e.listen {
+                Some(list) if !flag("listen") => list
+                    .iter()
+                    .map(|a| {
+                        a.parse().map_err(|_| ConfigError::BadValue {
+                            key: key("listen"),
+                            value: a.clone(),
+                            problem: "expected IP:PORT, e.g. 127.0.0.1:5432".into(),
+                        })
+                    })
+                    .collect::<Result<Vec<SocketAddr>, _>>()?,
+                // A file endpoint that names only a unix socket listens only there.
+                None if !flag("listen") && path.is_some() && e.unix_socket.is_some() => Vec::new(),
+                None if !flag("listen") && !single => Vec::new(),
+                _ => cli.listen.clone(),
+            };
+            let unix_socket = if flag("unix_socket") || e.unix_socket.is_none() {
+                if single {
+                    cli.unix_socket.clone()
+                } else {
+                    None
+                }
+            } else {
+                e.unix_socket.clone()
+            };
+            if listen.is_empty() && unix_socket.is_none() {
+                return Err(ConfigError::NoListener(match &path {
+                    Some(p) => format!("endpoint[{}] in {}", i + 1, p.display()),
+                    None => "command line".into(),
+                }));
+            }
+            let upstream_ca = match (&cli.upstream_ca, &e.upstream_ca) {
+                (Some(c), _) if flag("upstream_ca") || e.upstream_ca.is_none() => {
+                    UpstreamCa::File(c.clone())
+                }
+                (_, Some(c)) => UpstreamCa::File(c.clone()),
+                _ => UpstreamCa::RdsBundle,
+            };
+            let (cert, key_file) = if flag("tls_cert") || (e.tls_cert.is_none() && single) {
+                (cli.tls_cert.clone(), cli.tls_key.clone())
+            } else {
+                (e.tls_cert.clone(), e.tls_key.clone())
+            };
+            let client_tls = match (cert, key_file) {
+                (Some(cert), Some(key)) => ClientTls::Files { cert, key },
+                (None, None) => ClientTls::Local {
+                    state_dir: state_dir.clone(),
+                },
+                _ => {
+                    return Err(ConfigError::Conflict {
+                        key: key("tls_cert"),
+                        problem: "tls_cert and tls_key go together: give both or neither".into(),
+                    });
+                }
+            };
+            let name = e.name.clone().unwrap_or_else(|| format!("{host}:{port}"));
+            endpoints.push(EndpointConfig {
+                name,
+                upstream_host: host,
+                upstream_port: port,
+                connect_to: connect_to.map(|(_, c)| c),
+                upstream_ca,
+                region,
+                listen,
+                unix_socket,
+                client_tls,
+            });
+        }
+        check_distinct(&endpoints, path.as_deref())?;
+        Ok(Config {
+            endpoints,
+            identity: IdentityOptions {
+                profile: profile.clone(),
+                ..env.identity.clone()
+            },
             allow_local_users: cli.allow_local_user.clone(),
-            listen: cli.listen.clone(),
-            unix_socket: cli.unix_socket.clone(),
-            client_tls,
-            handshake_timeout: cli.handshake_timeout,
-            connect_timeout: cli.connect_timeout,
-            login_timeout: cli.login_timeout,
-            log_format: cli.log_format,
+            profile,
+            handshake_timeout,
+            connect_timeout,
+            login_timeout,
+            idle_timeout,
+            max_connections,
+            max_sigterm_delay,
+            admin,
+            log_format,
+            file: path,
         })
     }
 
+    /// The effective configuration as a TOML file (valid input for
+    /// `--config`). Nothing secret is held in the configuration: keys are
+    /// files, shown by path.
+    pub fn render(&self) -> String {
+        let mut s = String::new();
+        let q = |v: &str| format!("{v:?}");
+        let d = |d: Duration| {
+            if d.subsec_millis() != 0 {
+                format!("\"{}ms\"", d.as_millis())
+            } else {
+                format!("\"{}s\"", d.as_secs())
+            }
+        };
+        let _ = writeln!(s, "# effective configuration of rds-iam-proxy");
+        if let Some(p) = &self.profile {
+            let _ = writeln!(s, "profile = {}", q(p));
+        }
+        let _ = writeln!(s, "handshake_timeout = {}", d(self.handshake_timeout));
+        let _ = writeln!(s, "connect_timeout = {}", d(self.connect_timeout));
+        let _ = writeln!(s, "login_timeout = {}", d(self.login_timeout));
+        match self.idle_timeout {
+            Some(t) => {
+                let _ = writeln!(s, "idle_timeout = {}", d(t));
+            }
+            None => {
+                let _ = writeln!(s, "# idle_timeout: off");
+            }
+        }
+        let _ = writeln!(s, "max_connections = {}", self.max_connections);
+        let _ = writeln!(s, "max_sigterm_delay = {}", d(self.max_sigterm_delay));
+        let _ = writeln!(
+            s,
+            "log_format = {}",
+            q(match self.log_format {
+                LogFormat::Text => "text",
+                LogFormat::Json => "json",
+            })
+        );
+        match &self.admin {
+            Some(a) => {
+                let _ = writeln!(
+                    s,
+                    "\n[admin]\nlisten = {}\nupstream_check = {}",
+                    q(&a.listen.to_string()),
+                    a.upstream_check
+                );
+            }
+            None => {
+                let _ = writeln!(s, "# admin listener: off");
+            }
+        }
+        for e in &self.endpoints {
+            let _ = writeln!(s, "\n[[endpoint]]\nname = {}", q(&e.name));
+            let _ = writeln!(
+                s,
+                "upstream = {}",
+                q(&format!("{}:{}", e.upstream_host, e.upstream_port))
+            );
+            match &e.region {
+                Some(r) => {
+                    let _ = writeln!(s, "region = {}", q(r));
+                }
+                None => {
+                    let _ = writeln!(s, "# region: from the AWS configuration");
+                }
+            }
+            let listen: Vec<String> = e.listen.iter().map(|a| q(&a.to_string())).collect();
+            let _ = writeln!(s, "listen = [{}]", listen.join(", "));
+            if let Some(u) = &e.unix_socket {
+                let _ = writeln!(s, "unix_socket = {}", q(&u.display().to_string()));
+            }
+            if let Some(c) = &e.connect_to {
+                let _ = writeln!(s, "connect_to = {}", q(c));
+            }
+            match &e.upstream_ca {
+                UpstreamCa::File(p) => {
+                    let _ = writeln!(s, "upstream_ca = {}", q(&p.display().to_string()));
+                }
+                UpstreamCa::RdsBundle => {
+                    let _ = writeln!(s, "# upstream_ca: the embedded Amazon RDS bundle");
+                }
+            }
+            match &e.client_tls {
+                ClientTls::Files { cert, key } => {
+                    let _ = writeln!(
+                        s,
+                        "tls_cert = {}\ntls_key = {}",
+                        q(&cert.display().to_string()),
+                        q(&key.display().to_string())
+                    );
+                }
+                ClientTls::Local { state_dir } => {
+                    let _ = writeln!(s, "# client TLS: local CA in {}", state_dir.display());
+                }
+            }
+        }
+        s
+    }
+
+    /// Shorthand for the first endpoint (the only one from the flags).
+    pub fn first(&self) -> &EndpointConfig {
+        &self.endpoints[0]
+    }
+}
+
+impl EndpointConfig {
     /// The port in the unix socket's file name.
     pub fn unix_socket_port(&self) -> u16 {
         match self.listen.first() {
@@ -131,12 +632,88 @@ impl Config {
             _ => DEFAULT_PORT,
         }
     }
+
+    /// `host:port` as signed into tokens.
+    pub fn upstream_name(&self) -> String {
+        format!("{}:{}", self.upstream_host, self.upstream_port)
+    }
+}
+
+/// A flag's value when given, else the file's, else the flag's default.
+fn pick<T>(flag_given: bool, flag: T, file: Option<T>) -> T {
+    match file {
+        Some(v) if !flag_given => v,
+        _ => flag,
+    }
+}
+
+fn parse_file(path: &Path, text: &str) -> Result<FileConfig, ConfigError> {
+    toml::from_str(text).map_err(|e| ConfigError::ParseFile {
+        path: path.display().to_string(),
+        message: e.to_string().trim_end().to_owned(),
+    })
+}
+
+fn parse_admin_listen(key: &str, v: &str) -> Result<SocketAddr, ConfigError> {
+    if let Ok(port) = v.parse::<u16>() {
+        return Ok(SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), port));
+    }
+    v.parse().map_err(|_| ConfigError::BadValue {
+        key: key.to_owned(),
+        value: v.to_owned(),
+        problem: "expected PORT (on 127.0.0.1) or IP:PORT".into(),
+    })
+}
+
+/// Two endpoints may not share a name, a TCP address or a socket file.
+fn check_distinct(endpoints: &[EndpointConfig], path: Option<&Path>) -> Result<(), ConfigError> {
+    let at = |i: usize, k: &str| match path {
+        Some(p) => format!("endpoint[{}].{k} in {}", i + 1, p.display()),
+        None => k.to_owned(),
+    };
+    for (i, a) in endpoints.iter().enumerate() {
+        for b in &endpoints[..i] {
+            if a.name == b.name {
+                return Err(ConfigError::Conflict {
+                    key: at(i, "name"),
+                    problem: format!(
+                        "{:?} is used twice: give each endpoint its own name",
+                        a.name
+                    ),
+                });
+            }
+            if let Some(addr) = a
+                .listen
+                .iter()
+                .find(|x| x.port() != 0 && b.listen.contains(x))
+            {
+                return Err(ConfigError::Conflict {
+                    key: at(i, "listen"),
+                    problem: format!("{addr} is also endpoint {:?}'s address", b.name),
+                });
+            }
+            if a.unix_socket.is_some()
+                && a.unix_socket == b.unix_socket
+                && a.unix_socket_port() == b.unix_socket_port()
+            {
+                return Err(ConfigError::Conflict {
+                    key: at(i, "unix_socket"),
+                    problem: format!(
+                        "same socket file .s.PGSQL.{} as endpoint {:?}: use another directory or give listen a different port",
+                        a.unix_socket_port(),
+                        b.name
+                    ),
+                });
+            }
+        }
+    }
+    Ok(())
 }
 
 /// The endpoint name (lowercase) and port of an `--upstream` value.
 pub fn parse_upstream(value: &str) -> Result<(String, u16), ConfigError> {
     let (host, port) = split_host_port(value, DEFAULT_PORT)
-        .ok_or_else(|| ConfigError::BadUpstream(value.to_owned()))?;
+        .ok_or_else(|| ConfigError::BadUpstream("--upstream".into(), value.to_owned()))?;
     Ok((host.to_ascii_lowercase(), port))
 }
 
@@ -144,7 +721,7 @@ pub fn parse_upstream(value: &str) -> Result<(String, u16), ConfigError> {
 /// `None` leaves it to the AWS configuration.
 pub fn resolve_region(flag: Option<&str>, host: &str) -> Result<Option<String>, ConfigError> {
     match flag {
-        Some(r) if !valid_region(r) => Err(ConfigError::BadRegion(r.to_owned())),
+        Some(r) if !valid_region(r) => Err(ConfigError::BadRegion("--region".into(), r.to_owned())),
         Some(r) => Ok(Some(r.to_owned())),
         None => Ok(region_from_host(host)),
     }
@@ -199,12 +776,35 @@ fn valid_region(r: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use clap::Parser;
+    use clap::parser::ValueSource;
+    use clap::{CommandFactory, FromArgMatches};
 
     fn cli(args: &[&str]) -> ProxyArgs {
-        crate::cli::Cli::try_parse_from([&["rds-iam-proxy"], args].concat())
+        <crate::cli::Cli as clap::Parser>::try_parse_from([&["rds-iam-proxy"], args].concat())
             .unwrap()
             .proxy
+    }
+
+    /// Parses like main does (defaults told apart from given values) and
+    /// merges `toml` as the file. Environment variables are covered by the
+    /// binary's tests (tests/ops.rs): clap reads the real environment.
+    fn load(args: &[&str], toml: Option<&str>) -> Result<Config, ConfigError> {
+        let mut cmd = crate::cli::Cli::command();
+        let argv = [&["rds-iam-proxy"], args].concat();
+        let m = cmd.try_get_matches_from_mut(argv).unwrap();
+        let parsed = crate::cli::Cli::from_arg_matches(&m).unwrap();
+        let given = |id: &str| {
+            matches!(
+                m.value_source(id),
+                Some(ValueSource::CommandLine | ValueSource::EnvVariable)
+            )
+        };
+        let path = Path::new("/etc/p.toml");
+        let file = match toml {
+            Some(t) => Some((path.to_owned(), parse_file(path, t)?)),
+            None => None,
+        };
+        Config::merge(&parsed.proxy, &given, file, &Env::default())
     }
 
     #[test]
@@ -230,25 +830,27 @@ mod tests {
             None,
         )
         .unwrap();
+        let e = c.first();
         assert_eq!(
-            c.upstream_host,
+            e.upstream_host,
             "demo.cluster-x.eu-west-1.rds.amazonaws.com"
         );
-        assert_eq!(c.upstream_port, 5432);
-        assert_eq!(c.region.as_deref(), Some("eu-west-1"));
-        assert_eq!(c.listen, ["127.0.0.1:5432".parse().unwrap()]);
+        assert_eq!(e.upstream_port, 5432);
+        assert_eq!(e.region.as_deref(), Some("eu-west-1"));
+        assert_eq!(e.listen, ["127.0.0.1:5432".parse().unwrap()]);
         let c = Config::from_cli(
             &cli(&["--upstream", "db.example:6000", "--region", "us-east-2"]),
             Some("/home/a".into()),
             None,
         )
         .unwrap();
+        let e = c.first();
         assert_eq!(
-            (c.upstream_port, c.region.as_deref()),
+            (e.upstream_port, e.region.as_deref()),
             (6000, Some("us-east-2"))
         );
         assert!(
-            matches!(c.client_tls, ClientTls::Local { ref state_dir } if state_dir.ends_with(".local/state/rds-iam-proxy"))
+            matches!(e.client_tls, ClientTls::Local { ref state_dir } if state_dir.ends_with(".local/state/rds-iam-proxy"))
         );
     }
 
@@ -265,13 +867,120 @@ mod tests {
             None,
         )
         .unwrap_err();
-        assert!(matches!(e, ConfigError::BadRegion(_)));
+        assert!(matches!(e, ConfigError::BadRegion(..)));
         let e = Config::from_cli(
             &cli(&["--upstream", "db", "--connect-to", "127.0.0.1"]),
             None,
             None,
         )
         .unwrap_err();
-        assert!(matches!(e, ConfigError::BadConnectTo(_)));
+        assert!(matches!(e, ConfigError::BadConnectTo(..)));
+    }
+
+    const FILE: &str = r#"
+max_connections = 7
+handshake_timeout = "3s"
+[admin]
+listen = "9999"
+[[endpoint]]
+upstream = "db.cluster-a.eu-west-1.rds.amazonaws.com"
+listen = ["127.0.0.1:6432"]
+"#;
+
+    #[test]
+    fn flags_beat_file_beats_defaults() {
+        // File only: its values replace the defaults.
+        let c = load(&[], Some(FILE)).unwrap();
+        assert_eq!(c.max_connections, 7);
+        assert_eq!(c.handshake_timeout, Duration::from_secs(3));
+        assert_eq!(c.login_timeout, Duration::from_secs(30), "default");
+        assert_eq!(c.first().listen, ["127.0.0.1:6432".parse().unwrap()]);
+        assert_eq!(
+            c.admin.as_ref().unwrap().listen,
+            "127.0.0.1:9999".parse().unwrap()
+        );
+        // A flag beats the file.
+        let c = load(
+            &["--max-connections", "9", "--listen", "127.0.0.1:7000"],
+            Some(FILE),
+        )
+        .unwrap();
+        assert_eq!(c.max_connections, 9);
+        assert_eq!(c.first().listen, ["127.0.0.1:7000".parse().unwrap()]);
+        assert_eq!(
+            c.first().upstream_host,
+            "db.cluster-a.eu-west-1.rds.amazonaws.com"
+        );
+    }
+
+    #[test]
+    fn file_errors_name_the_key_and_the_fix() {
+        let e = load(&[], Some("max_conections = 3\n")).unwrap_err();
+        let m = e.to_string();
+        assert!(
+            m.contains("/etc/p.toml")
+                && m.contains("max_conections")
+                && m.contains("unknown field"),
+            "{m}"
+        );
+        let e = load(
+            &[],
+            Some("[[endpoint]]\nupstream = \"db\"\nlisten = [\"localhost:5432\"]\n"),
+        )
+        .unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "endpoint[1].listen in /etc/p.toml \"localhost:5432\": expected IP:PORT, e.g. 127.0.0.1:5432"
+        );
+        let e = load(
+            &[],
+            Some("idle_timeout = \"2 weeks\"\n[[endpoint]]\nupstream = \"db\"\n"),
+        )
+        .unwrap_err();
+        assert!(
+            e.to_string()
+                .starts_with("idle_timeout in /etc/p.toml \"2 weeks\""),
+            "{e}"
+        );
+        let e = load(&[], Some("[[endpoint]]\nlisten = [\"127.0.0.1:1\"]\n")).unwrap_err();
+        assert_eq!(e, ConfigError::NoUpstream);
+    }
+
+    #[test]
+    fn two_endpoints_and_their_conflicts() {
+        let two = r#"
+[[endpoint]]
+name = "writer"
+upstream = "db.cluster-a.eu-west-1.rds.amazonaws.com"
+listen = ["127.0.0.1:5432"]
+[[endpoint]]
+name = "reader"
+upstream = "db.cluster-ro-a.eu-west-1.rds.amazonaws.com"
+listen = ["127.0.0.1:5433"]
+unix_socket = "/run/p"
+"#;
+        let c = load(&[], Some(two)).unwrap();
+        assert_eq!(c.endpoints.len(), 2);
+        assert_eq!(c.endpoints[1].name, "reader");
+        assert_eq!(c.endpoints[1].unix_socket_port(), 5433);
+        assert_eq!(c.endpoints[0].unix_socket, None);
+        // The rendering reads back as the same configuration.
+        let again = load(&[], Some(&c.render())).unwrap();
+        assert_eq!(again.endpoints, c.endpoints);
+        assert_eq!(again.max_connections, c.max_connections);
+
+        let e = load(&["--listen", "127.0.0.1:1"], Some(two)).unwrap_err();
+        assert!(
+            e.to_string()
+                .starts_with("--listen: the file has 2 [[endpoint]] tables"),
+            "{e}"
+        );
+        let e = load(&[], Some(&two.replace("5433", "5432"))).unwrap_err();
+        assert!(
+            e.to_string().contains("endpoint[2].listen") && e.to_string().contains("writer"),
+            "{e}"
+        );
+        let e = load(&[], Some(&two.replace("\"reader\"", "\"writer\""))).unwrap_err();
+        assert!(e.to_string().contains("endpoint[2].name"), "{e}");
     }
 }

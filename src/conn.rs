@@ -8,11 +8,16 @@ use bytes::BytesMut;
 use tokio::io::AsyncWriteExt;
 use tracing::{Instrument, info, info_span, warn};
 
-use crate::app::AppContext;
-use crate::error::{ConnError, Names};
+use crate::activity::{Activity, Idle};
+use crate::app::{AppContext, EndpointContext, EndpointTls, Phase};
+use crate::config::Config;
+use crate::error::{ConnError, Names, sqlstate};
 use crate::handshake::{self, ClientRequest, Negotiated};
 use crate::identity::Identity;
+use crate::listener::Refusing;
+use crate::metrics::OwnedSlot;
 use crate::pg::backend;
+use crate::pg::backend::{ErrorMessage, Severity};
 use crate::pg::startup::StartupMessage;
 use crate::stream::{ClientStream, Socket};
 use crate::token::TokenTarget;
@@ -29,50 +34,115 @@ pub struct Peer {
     pub local: crate::peer::LocalPeer,
 }
 
-/// Serves one accepted socket to the end.
-pub async fn serve(ctx: Arc<AppContext>, socket: Socket, peer: Peer) {
+/// Serves one accepted socket to the end; `slot` holds its place under
+/// the connection limit until then.
+pub async fn serve(
+    ctx: Arc<AppContext>,
+    ep: Arc<EndpointContext>,
+    socket: Socket,
+    peer: Peer,
+    slot: OwnedSlot,
+) {
     let id = ctx.next_connection_id();
-    let span = info_span!("conn", id, peer = %peer.addr);
-    run(ctx, socket, peer).instrument(span).await
+    let span = info_span!("conn", id, endpoint = %ep.name, peer = %peer.addr);
+    run(ctx, ep, socket, peer).instrument(span).await;
+    drop(slot);
 }
 
-async fn run(ctx: Arc<AppContext>, socket: Socket, peer: Peer) {
-    let started = Instant::now();
-    let negotiate = handshake::negotiate(socket, &ctx.server_tls, peer.plaintext_ok);
-    let Negotiated {
-        mut stream,
-        request,
-    } = match tokio::time::timeout(ctx.config.handshake_timeout, negotiate).await {
-        Ok(Ok(n)) => n,
+/// Answers a connection over the limit: FATAL 53300 once its startup
+/// packet is read (cancel requests are still forwarded: they free
+/// capacity).
+pub async fn refuse_too_many(
+    ctx: Arc<AppContext>,
+    ep: Arc<EndpointContext>,
+    socket: Socket,
+    peer: Peer,
+    limit: usize,
+    _place: Refusing,
+) {
+    let id = ctx.next_connection_id();
+    let span = info_span!("conn", id, endpoint = %ep.name, peer = %peer.addr);
+    async move {
+        let config = ctx.config.load_full();
+        let live = ep.live();
+        match negotiate(&ctx, &ep, &config, &live, socket, &peer).await {
+            Some((_, ClientRequest::Cancel(key))) => forward_cancel(&ctx, &key).await,
+            Some((stream, ClientRequest::Startup(_))) => {
+                refuse(
+                    &ctx,
+                    &ep,
+                    Some(stream),
+                    ConnError::TooManyConnections(limit),
+                )
+                .await
+            }
+            None => {}
+        }
+    }
+    .instrument(span)
+    .await
+}
+
+/// TLS negotiation and the startup packet, within the handshake timeout.
+/// Failures are answered and counted here.
+async fn negotiate(
+    ctx: &AppContext,
+    ep: &EndpointContext,
+    config: &Config,
+    live: &EndpointTls,
+    socket: Socket,
+    peer: &Peer,
+) -> Option<(ClientStream, ClientRequest)> {
+    let negotiate = handshake::negotiate(socket, &live.server_tls, peer.plaintext_ok);
+    match tokio::time::timeout(config.handshake_timeout, negotiate).await {
+        Ok(Ok(Negotiated { stream, request })) => Some((stream, request)),
         Ok(Err(failed)) => {
-            refuse(&ctx, failed.stream, ConnError::Handshake(failed.error)).await;
-            return;
+            refuse(ctx, ep, failed.stream, ConnError::Handshake(failed.error)).await;
+            None
         }
         Err(_) => {
             refuse(
-                &ctx,
+                ctx,
+                ep,
                 None,
-                ConnError::HandshakeTimeout(ctx.config.handshake_timeout),
+                ConnError::HandshakeTimeout(config.handshake_timeout),
             )
             .await;
-            return;
+            None
         }
+    }
+}
+
+async fn forward_cancel(ctx: &AppContext, key: &crate::pg::startup::CancelKey) {
+    ctx.metrics.connection("cancel");
+    match ctx.cancels.cancel(key).await {
+        Ok(true) => info!(pid = key.pid, "cancel request forwarded"),
+        Ok(false) => warn!(pid = key.pid, "cancel request with an unknown key ignored"),
+        Err(e) => warn!(pid = key.pid, error = %e, "cancel request could not be forwarded"),
+    }
+}
+
+async fn run(ctx: Arc<AppContext>, ep: Arc<EndpointContext>, socket: Socket, peer: Peer) {
+    let started = Instant::now();
+    // One snapshot for the whole connection: a reload never changes a
+    // session under way.
+    let config = ctx.config.load_full();
+    let live = ep.live();
+    let Some((mut stream, request)) = negotiate(&ctx, &ep, &config, &live, socket, &peer).await
+    else {
+        return;
     };
     if let Err(refusal) = crate::peer::check(&ctx.peers, &peer.local) {
         if let ClientRequest::Cancel(_) = request {
             warn!(error = %refusal, "cancel request from a refused local user ignored");
             return;
         }
-        refuse(&ctx, Some(stream), ConnError::Peer(refusal)).await;
+        refuse(&ctx, &ep, Some(stream), ConnError::Peer(refusal)).await;
         return;
     }
     let startup = match request {
         ClientRequest::Cancel(key) => {
-            match ctx.cancels.cancel(&key).await {
-                Ok(true) => info!(pid = key.pid, "cancel request forwarded"),
-                Ok(false) => warn!(pid = key.pid, "cancel request with an unknown key ignored"),
-                Err(e) => warn!(pid = key.pid, error = %e, "cancel request could not be forwarded"),
-            }
+            forward_cancel(&ctx, &key).await;
             return;
         }
         ClientRequest::Startup(s) => s,
@@ -81,10 +151,10 @@ async fn run(ctx: Arc<AppContext>, socket: Socket, peer: Peer) {
     let database = startup.database().to_owned();
     let span = info_span!("session", user = %user, database = %database);
     async move {
-        let (upstream, identity) = match open_session(&ctx, &startup).await {
+        let (upstream, identity) = match open_session(&ctx, &ep, &live, &config, &startup).await {
             Ok(s) => s,
             Err(e) => {
-                refuse(&ctx, Some(stream), e).await;
+                refuse(&ctx, &ep, Some(stream), e).await;
                 return;
             }
         };
@@ -105,7 +175,9 @@ async fn run(ctx: Arc<AppContext>, socket: Socket, peer: Peer) {
         let (before_ready, ready) = greeting.split_at(greeting.len() - 6);
         out.extend_from_slice(before_ready);
         let _registration = backend_key.map(|key| {
-            let (proxy_key, reg) = ctx.cancels.register(ctx.endpoint.clone(), addr, key, minor);
+            let (proxy_key, reg) = ctx
+                .cancels
+                .register(live.endpoint.clone(), addr, key, minor);
             backend::write_backend_key(&mut out, proxy_key.pid, &proxy_key.secret);
             reg
         });
@@ -116,9 +188,11 @@ async fn run(ctx: Arc<AppContext>, socket: Socket, peer: Peer) {
         }
         .await
         {
+            ctx.metrics.connection("client_gone");
             info!(error = %e, "client left before the session started");
             return;
         }
+        ctx.metrics.connection("session");
         info!(
             person = %identity.user_name,
             upstream = %addr,
@@ -128,21 +202,77 @@ async fn run(ctx: Arc<AppContext>, socket: Socket, peer: Peer) {
             "session started"
         );
 
-        match crate::forward::forward(&mut stream, &mut up).await {
-            Ok((traffic, ending)) => info!(
-                ?ending,
-                bytes_in = traffic.client_to_upstream,
-                bytes_out = traffic.upstream_to_client,
-                seconds = started.elapsed().as_secs(),
-                "session ended"
-            ),
-            Err((traffic, e)) => info!(
-                error = %e,
-                bytes_in = traffic.client_to_upstream,
-                bytes_out = traffic.upstream_to_client,
-                seconds = started.elapsed().as_secs(),
-                "session ended with an error"
-            ),
+        // The session runs until it ends, the process ends it (57P01), or
+        // it is idle too long (57P05). Activity marks traffic with one
+        // relaxed store per read or write, never per message.
+        let idle = Idle::default();
+        let mut watched = Activity::new(&mut up, &idle);
+        let mut phase = ctx.phase.clone();
+        let ended = tokio::select! {
+            r = crate::forward::forward(&mut stream, &mut watched) => Ok(r),
+            _ = phase.wait_for(|p| *p == Phase::Terminating) => Err((
+                sqlstate::ADMIN_SHUTDOWN,
+                "terminating connection due to administrator command",
+                "rds-iam-proxy is shutting down",
+            )),
+            _ = idle.expired(config.idle_timeout) => Err((
+                sqlstate::IDLE_SESSION_TIMEOUT,
+                "terminating connection due to idle-session timeout",
+                "rds-iam-proxy ends sessions with no traffic for its --idle-timeout",
+            )),
+        };
+        match ended {
+            Ok(Ok((traffic, ending))) => {
+                ctx.metrics
+                    .session_bytes(traffic.client_to_upstream, traffic.upstream_to_client);
+                info!(
+                    ?ending,
+                    bytes_in = traffic.client_to_upstream,
+                    bytes_out = traffic.upstream_to_client,
+                    seconds = started.elapsed().as_secs(),
+                    "session ended"
+                )
+            }
+            Ok(Err((traffic, e))) => {
+                ctx.metrics
+                    .session_bytes(traffic.client_to_upstream, traffic.upstream_to_client);
+                info!(
+                    error = %e,
+                    bytes_in = traffic.client_to_upstream,
+                    bytes_out = traffic.upstream_to_client,
+                    seconds = started.elapsed().as_secs(),
+                    "session ended with an error"
+                )
+            }
+            Err((code, message, detail)) => {
+                // Forwarding stopped where it was waiting. A session ended
+                // after the drain or for idleness is almost always at
+                // ReadyForQuery, so the FATAL (the one PostgreSQL sends in
+                // the same case) lands on a message boundary; one caught
+                // mid-result gets it mid-stream and ends all the same. The
+                // server gets a Terminate.
+                let mut out = BytesMut::new();
+                backend::write_error(
+                    &mut out,
+                    &ErrorMessage {
+                        severity: Severity::Fatal,
+                        code: code.into(),
+                        message: message.into(),
+                        detail: Some(detail.into()),
+                        hint: None,
+                    },
+                );
+                let _ = stream.write_all(&out).await;
+                let _ = stream.flush().await;
+                let _ = stream.shutdown().await;
+                let _ = up.write_all(&[b'X', 0, 0, 0, 4]).await;
+                let _ = up.shutdown().await;
+                info!(
+                    sqlstate = code,
+                    seconds = started.elapsed().as_secs(),
+                    "session ended by the proxy: {message}"
+                );
+            }
         }
     }
     .instrument(span)
@@ -152,6 +282,9 @@ async fn run(ctx: Arc<AppContext>, socket: Socket, peer: Peer) {
 /// Identity check, token, upstream login.
 async fn open_session(
     ctx: &AppContext,
+    ep: &EndpointContext,
+    live: &EndpointTls,
+    config: &Config,
     startup: &StartupMessage,
 ) -> Result<(Upstream, Arc<Identity>), ConnError> {
     if startup.param("replication").is_some_and(|v| {
@@ -164,26 +297,41 @@ async fn open_session(
     }
     // Before any token exists: may this identity use the requested user?
     let (creds, identity) = ctx.identity.authorize(startup.user()).await?;
+    ctx.metrics.observe_credentials(creds.expiry());
     let token = ctx.signer.sign(
         &creds,
         &TokenTarget {
-            host: &ctx.endpoint.host,
-            port: ctx.endpoint.port,
-            region: &ctx.region,
+            host: &live.endpoint.host,
+            port: live.endpoint.port,
+            region: &ep.region,
             user: startup.user(),
         },
     );
-    let login = upstream::login(&ctx.endpoint, &startup.params, startup.negotiated(), &token);
-    let upstream = tokio::time::timeout(ctx.config.login_timeout, login)
+    ctx.metrics.token_signed();
+    let began = Instant::now();
+    let login = upstream::login(
+        &live.endpoint,
+        &startup.params,
+        startup.negotiated(),
+        &token,
+    );
+    let upstream = tokio::time::timeout(config.login_timeout, login)
         .await
-        .map_err(|_| ConnError::LoginTimeout(ctx.config.login_timeout))??;
+        .map_err(|_| ConnError::LoginTimeout(config.login_timeout))??;
+    ctx.metrics.upstream_login(began.elapsed());
     Ok((upstream, identity))
 }
 
 /// Logs the failure and, where possible, tells the client why.
-async fn refuse(ctx: &AppContext, stream: Option<ClientStream>, error: ConnError) {
+async fn refuse(
+    ctx: &AppContext,
+    ep: &EndpointContext,
+    stream: Option<ClientStream>,
+    error: ConnError,
+) {
+    ctx.metrics.connection_failed(&error);
     let names = Names {
-        upstream: &ctx.upstream_name,
+        upstream: &ep.upstream_name,
         profile: ctx.identity.profile(),
         clock_skew: ctx.identity.clock_skew(),
     };

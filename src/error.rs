@@ -20,6 +20,8 @@ pub enum ConnError {
     Handshake(#[from] HandshakeError),
     #[error("the handshake took longer than {0:?}")]
     HandshakeTimeout(std::time::Duration),
+    #[error("too many connections (limit {0})")]
+    TooManyConnections(usize),
     #[error("identity: {0}")]
     Identity(#[from] IdentityError),
     #[error("local peer refused: {0}")]
@@ -41,6 +43,9 @@ pub mod sqlstate {
     pub const CONNECTION_FAILURE: &str = "08006";
     pub const INVALID_AUTHORIZATION: &str = "28000";
     pub const FEATURE_NOT_SUPPORTED: &str = "0A000";
+    pub const TOO_MANY_CONNECTIONS: &str = "53300";
+    pub const ADMIN_SHUTDOWN: &str = "57P01";
+    pub const IDLE_SESSION_TIMEOUT: &str = "57P05";
 }
 
 fn fatal(code: &'static str, message: impl Into<String>, hint: Option<String>) -> ErrorMessage {
@@ -89,6 +94,11 @@ impl ConnError {
                 PROTOCOL_VIOLATION,
                 "the client did not finish the startup in time",
                 None,
+            ),
+            ConnError::TooManyConnections(limit) => fatal(
+                TOO_MANY_CONNECTIONS,
+                format!("sorry, too many clients already: rds-iam-proxy is at its limit of {limit} connections"),
+                Some("try again later; the operator can raise --max-connections".into()),
             ),
             ConnError::Identity(e) => match e {
                 IdentityError::Credentials(c) => fatal(

@@ -14,14 +14,22 @@
 //! - [`forward`]: both directions until the session ends.
 //! - [`cancel`]: proxy-issued cancel keys and their upstream targets.
 //!
-//! [`commands`] holds the subcommands (`token`, `whoami`, `policy`);
-//! [`banner`] says at start-up who the proxy acts for.
+//! [`commands`] holds the subcommands (`token`, `whoami`, `policy`,
+//! `connect`, `doctor`); [`banner`] says at start-up who the proxy acts for;
+//! [`peer`] checks which local OS user is on the other end.
+//!
+//! Running it like infrastructure: [`config`] (flags > environment > TOML
+//! file), [`metrics`] and [`admin`] (health and Prometheus over HTTP),
+//! [`activity`] (idle timeout), [`systemd`] (readiness notification);
+//! [`app`] owns the lifecycle (SIGHUP reload, SIGTERM drain).
 //!
 //! [`conn`] strings the stages together for one connection; [`app`] builds
 //! the shared context and runs the listeners. [`pg`] is the sans-I/O wire
 //! protocol, [`tls`] the two TLS configurations, [`error`] what a client is
 //! told when something fails.
 
+pub mod activity;
+pub mod admin;
 pub mod app;
 pub mod banner;
 pub mod cancel;
@@ -35,10 +43,12 @@ pub mod handshake;
 pub mod identity;
 pub mod listener;
 pub mod local_ca;
+pub mod metrics;
 pub mod peer;
 pub mod pg;
 pub mod secret;
 pub mod stream;
+pub mod systemd;
 pub mod tls;
 pub mod token;
 pub mod upstream;

@@ -7,11 +7,12 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
+use std::sync::atomic::{AtomicUsize, Ordering};
+
 use tokio::net::{TcpListener, UnixListener};
-use tokio::sync::watch;
 use tracing::{error, info};
 
-use crate::app::AppContext;
+use crate::app::{AppContext, EndpointContext, Phase};
 use crate::conn::{self, Peer};
 use crate::peer::LocalPeer;
 use crate::stream::Socket;
@@ -57,18 +58,50 @@ impl Listener {
         }
     }
 
-    /// Accepts until `shutdown` turns true, spawning a task per connection.
-    pub async fn serve(self, ctx: Arc<AppContext>, mut shutdown: watch::Receiver<bool>) {
+    /// Accepts until the process stops running, spawning a tracked task
+    /// per connection. Beyond `max_connections` a connection still gets
+    /// its answer (FATAL 53300 after the startup packet, so the client
+    /// reads it over TLS), from a small bounded set of refusal tasks.
+    pub async fn serve(self, app: Arc<AppContext>, ep: Arc<EndpointContext>) {
+        let mut phase = app.phase.clone();
         let mut backoff = Duration::from_millis(5);
         loop {
             let accepted = tokio::select! {
-                _ = shutdown.wait_for(|s| *s) => break,
+                _ = phase.wait_for(|p| *p != Phase::Running) => break,
                 a = self.accept() => a,
             };
             match accepted {
                 Ok((socket, peer)) => {
                     backoff = Duration::from_millis(5);
-                    tokio::spawn(conn::serve(ctx.clone(), socket, peer));
+                    let max = app.config.load().max_connections;
+                    match app.metrics.try_acquire(max) {
+                        Some(slot) => {
+                            app.tasks.spawn(conn::serve(
+                                app.clone(),
+                                ep.clone(),
+                                socket,
+                                peer,
+                                slot,
+                            ));
+                        }
+                        None => match Refusing::enter(&REFUSING) {
+                            Some(r) => {
+                                app.tasks.spawn(conn::refuse_too_many(
+                                    app.clone(),
+                                    ep.clone(),
+                                    socket,
+                                    peer,
+                                    max,
+                                    r,
+                                ));
+                            }
+                            None => {
+                                // Flooded: close at once rather than queue.
+                                app.metrics.connection("too_many_connections");
+                                drop(socket);
+                            }
+                        },
+                    }
                 }
                 Err(e) => {
                     // Out of file descriptors and the like: wait instead of
@@ -122,5 +155,32 @@ impl Listener {
                 ))
             }
         }
+    }
+}
+
+/// Over-limit connections being answered now, all listeners together.
+static REFUSING: AtomicUsize = AtomicUsize::new(0);
+
+/// Most over-limit connections answered at once; beyond, they are closed
+/// without an answer so a flood cannot hold unbounded sockets.
+const MAX_REFUSING: usize = 64;
+
+/// A place among the refusal tasks, freed on drop.
+#[derive(Debug)]
+pub struct Refusing(&'static AtomicUsize);
+
+impl Refusing {
+    fn enter(counter: &'static AtomicUsize) -> Option<Self> {
+        if counter.fetch_add(1, Ordering::Relaxed) >= MAX_REFUSING {
+            counter.fetch_sub(1, Ordering::Relaxed);
+            return None;
+        }
+        Some(Refusing(counter))
+    }
+}
+
+impl Drop for Refusing {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
     }
 }

@@ -60,7 +60,8 @@ impl SourceKind {
 }
 
 /// How the identity source is configured (validated by [`IdentityOptions::new`]).
-#[derive(Debug, Clone)]
+/// The default is the SSO source with the standard credential chain.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct IdentityOptions {
     pub kind: SourceKind,
     /// `--profile`; the SDK falls back to AWS_PROFILE, then `default`.

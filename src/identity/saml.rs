@@ -29,7 +29,7 @@ const SAML_ASSERTION_NS: &str = "urn:oasis:names:tc:SAML:2.0:assertion";
 const MAX_ASSERTION_BYTES: u64 = 1 << 20;
 
 /// Where the base64 SAML response comes from.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum SamlInput {
     /// Re-read at every refresh.
     File(PathBuf),

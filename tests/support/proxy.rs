@@ -191,6 +191,31 @@ impl Proxy {
         self.child.id()
     }
 
+    /// Sends `signal` (e.g. "TERM", "HUP") to the proxy.
+    pub fn signal(&self, signal: &str) {
+        let status = Command::new("kill")
+            .args(["-s", signal, &self.pid().to_string()])
+            .status()
+            .expect("run kill");
+        assert!(status.success(), "kill -s {signal} failed");
+    }
+
+    /// Waits for the proxy to exit by itself, with a deadline.
+    pub fn wait_exit(&mut self, within: Duration) -> std::process::ExitStatus {
+        let deadline = Instant::now() + within;
+        loop {
+            if let Some(status) = self.child.try_wait().expect("try_wait") {
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "proxy still running after {within:?}:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// psql through the proxy, `user` to the bed's database, with no
     /// password and a clean libpq environment. `extra` is appended to the
     /// connection string (e.g. "sslmode=disable").
