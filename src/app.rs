@@ -30,6 +30,8 @@ pub struct AppContext {
     pub identity: IdentityService,
     pub signer: Signer,
     pub cancels: Arc<CancelRegistry>,
+    /// Audit log and password guard.
+    pub audit: Arc<crate::audit::Auditor>,
     next_id: AtomicU64,
 }
 
@@ -51,6 +53,8 @@ pub enum StartError {
         "no AWS region: the endpoint name does not contain one and the AWS configuration sets none; pass --region"
     )]
     NoRegion,
+    #[error("audit log: {0}")]
+    Audit(#[from] crate::audit::WriterError),
     #[error("cannot listen on {what}: {source}")]
     Bind {
         what: String,
@@ -92,7 +96,9 @@ pub async fn build(config: Config) -> Result<AppContext, StartError> {
         connect_timeout: config.connect_timeout,
         tls: upstream_tls,
     });
+    let audit = Arc::new(crate::audit::Auditor::start(config.audit.clone())?);
     Ok(AppContext {
+        audit,
         upstream_name: endpoint.name(),
         config: Arc::new(config),
         server_tls,
@@ -156,6 +162,7 @@ pub async fn run(config: Config) -> Result<(), StartError> {
     for t in tasks {
         let _ = t.await;
     }
+    ctx.audit.close();
     Ok(())
 }
 

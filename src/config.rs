@@ -33,6 +33,8 @@ pub struct Config {
     pub connect_timeout: Duration,
     pub login_timeout: Duration,
     pub log_format: LogFormat,
+    /// Audit log and password guard.
+    pub audit: crate::audit::AuditConfig,
 }
 
 /// The certificate shown to clients.
@@ -62,6 +64,8 @@ pub enum ConfigError {
     BadRegion(String),
     #[error("no listen address: give --listen or --unix-socket")]
     NoListener,
+    #[error("--audit async|sync needs --audit-dir DIR")]
+    NoAuditDir,
 }
 
 impl Config {
@@ -95,7 +99,22 @@ impl Config {
                     .unwrap_or_else(|| crate::local_ca::default_state_dir(xdg_state_home, home)),
             },
         };
+        let a = &cli.audit;
+        if a.mode != crate::audit::Mode::Off && a.dir.is_none() {
+            return Err(ConfigError::NoAuditDir);
+        }
+        let audit = crate::audit::AuditConfig {
+            mode: a.mode,
+            dir: a.dir.clone(),
+            password_guard: !a.allow_password_changes,
+            parameters: a.parameters,
+            max_statement_bytes: a.max_statement.max(64),
+            rotate_bytes: a.rotate_mib.max(1) * 1024 * 1024,
+            rotate_age: a.rotate_age.max(std::time::Duration::from_secs(1)),
+            queue_capacity: a.queue.max(16),
+        };
         Ok(Config {
+            audit,
             region,
             upstream_host: host,
             upstream_port: port,

@@ -31,10 +31,10 @@ pub struct Peer {
 pub async fn serve(ctx: Arc<AppContext>, socket: Socket, peer: Peer) {
     let id = ctx.next_connection_id();
     let span = info_span!("conn", id, peer = %peer.addr);
-    run(ctx, socket, peer).instrument(span).await
+    run(ctx, socket, peer, id).instrument(span).await
 }
 
-async fn run(ctx: Arc<AppContext>, socket: Socket, peer: Peer) {
+async fn run(ctx: Arc<AppContext>, socket: Socket, peer: Peer, id: u64) {
     let started = Instant::now();
     let negotiate = handshake::negotiate(socket, &ctx.server_tls, peer.plaintext_ok);
     let Negotiated {
@@ -43,16 +43,13 @@ async fn run(ctx: Arc<AppContext>, socket: Socket, peer: Peer) {
     } = match tokio::time::timeout(ctx.config.handshake_timeout, negotiate).await {
         Ok(Ok(n)) => n,
         Ok(Err(failed)) => {
-            refuse(&ctx, failed.stream, ConnError::Handshake(failed.error)).await;
+            let e = ConnError::Handshake(failed.error);
+            refuse(&ctx, (id, &peer, None), failed.stream, e).await;
             return;
         }
         Err(_) => {
-            refuse(
-                &ctx,
-                None,
-                ConnError::HandshakeTimeout(ctx.config.handshake_timeout),
-            )
-            .await;
+            let e = ConnError::HandshakeTimeout(ctx.config.handshake_timeout);
+            refuse(&ctx, (id, &peer, None), None, e).await;
             return;
         }
     };
@@ -74,7 +71,8 @@ async fn run(ctx: Arc<AppContext>, socket: Socket, peer: Peer) {
         let (upstream, identity) = match open_session(&ctx, &startup).await {
             Ok(s) => s,
             Err(e) => {
-                refuse(&ctx, Some(stream), e).await;
+                let who = (id, &peer, Some((user.as_str(), database.as_str())));
+                refuse(&ctx, who, Some(stream), e).await;
                 return;
             }
         };
@@ -94,12 +92,39 @@ async fn run(ctx: Arc<AppContext>, socket: Socket, peer: Peer) {
         }
         let (before_ready, ready) = greeting.split_at(greeting.len() - 6);
         out.extend_from_slice(before_ready);
+        let backend_pid = backend_key.as_ref().map(|k| k.pid as i32);
         let _registration = backend_key.map(|key| {
             let (proxy_key, reg) = ctx.cancels.register(ctx.endpoint.clone(), addr, key, minor);
             backend::write_backend_key(&mut out, proxy_key.pid, &proxy_key.secret);
             reg
         });
         out.extend_from_slice(ready);
+        let start = crate::audit::event::SessionStart {
+            conn: id,
+            person: identity.user_name.clone(),
+            role_arn: identity.arn.clone(),
+            account: identity.account.clone(),
+            access_key_id: identity.access_key_id.clone(),
+            client_addr: peer.addr.clone(),
+            client_tls: stream.tls_summary(),
+            upstream: ctx.upstream_name.clone(),
+            upstream_addr: addr.to_string(),
+            upstream_tls: up_tls.clone(),
+            db_user: user.clone(),
+            database: database.clone(),
+            application_name: startup.param("application_name").unwrap_or("").to_owned(),
+            backend_pid,
+            ..Default::default()
+        };
+        if !ctx
+            .audit
+            .record(crate::audit::record::session_start(start))
+            .await
+        {
+            let who = (id, &peer, Some((user.as_str(), database.as_str())));
+            refuse(&ctx, who, Some(stream), ConnError::AuditUnavailable).await;
+            return;
+        }
         if let Err(e) = async {
             stream.write_all(&out).await?;
             stream.flush().await
@@ -118,7 +143,16 @@ async fn run(ctx: Arc<AppContext>, socket: Socket, peer: Peer) {
             "session started"
         );
 
-        match crate::forward::forward(&mut stream, &mut up).await {
+        let result = if crate::audit::tap::wanted(&ctx.audit) {
+            let mut tap = crate::audit::SessionTap::new(id, ctx.audit.clone());
+            crate::gate::forward_tapped(&mut stream, &mut up, &mut tap).await
+        } else {
+            crate::forward::forward(&mut stream, &mut up).await
+        };
+        ctx.audit
+            .record(crate::audit::record::session_end(id, started, &result))
+            .await;
+        match result {
             Ok((traffic, ending)) => info!(
                 ?ending,
                 bytes_in = traffic.client_to_upstream,
@@ -175,8 +209,12 @@ async fn open_session(
     Ok((upstream, identity))
 }
 
-/// Logs the failure and, where possible, tells the client why.
-async fn refuse(ctx: &AppContext, stream: Option<ClientStream>, error: ConnError) {
+/// Who was refused: connection id, peer, and the user and database asked
+/// for (once the startup was read).
+type Who<'a> = (u64, &'a Peer, Option<(&'a str, &'a str)>);
+
+/// Logs and audits the failure and, where possible, tells the client why.
+async fn refuse(ctx: &AppContext, who: Who<'_>, stream: Option<ClientStream>, error: ConnError) {
     let names = Names {
         upstream: &ctx.upstream_name,
         profile: ctx.identity.profile(),
@@ -185,6 +223,11 @@ async fn refuse(ctx: &AppContext, stream: Option<ClientStream>, error: ConnError
     match &message {
         Some(m) => warn!(error = %error, sqlstate = %m.code, "connection refused"),
         None => info!(error = %error, "connection closed during the handshake"),
+    }
+    if let Some(m) = &message {
+        let (id, peer, user_db) = who;
+        let event = crate::audit::record::denial(id, &peer.addr, user_db, &error, Some(&m.code));
+        ctx.audit.record(event).await;
     }
     if let (Some(mut stream), Some(m)) = (stream, message) {
         let mut out = BytesMut::new();

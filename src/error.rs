@@ -31,6 +31,8 @@ pub enum ConnError {
     LoginTimeout(std::time::Duration),
     #[error("forwarding: {0}")]
     Forward(#[from] ForwardError),
+    #[error("the audit log cannot be written (synchronous audit)")]
+    AuditUnavailable,
 }
 
 /// SQLSTATEs the proxy uses.
@@ -119,6 +121,11 @@ impl ConnError {
                 Some("check that the cluster is available and reachable from this host".into()),
             ),
             ConnError::Forward(_) => return None,
+            ConnError::AuditUnavailable => fatal(
+                "58030",
+                "rds-iam-proxy cannot write its audit log, and audits synchronously: sessions are refused until it can",
+                Some("ask the operator to check the proxy's audit directory (disk full?)".into()),
+            ),
         })
     }
 }

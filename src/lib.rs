@@ -12,6 +12,9 @@
 //! - [`forward`]: both directions until the session ends.
 //! - [`cancel`]: proxy-issued cancel keys and their upstream targets.
 //!
+//! - [`audit`]: the audit trail and the password guard; [`gate`] is the
+//!   forwarding pump that feeds it.
+//!
 //! [`commands`] holds the subcommands (`token`, ...).
 //!
 //! [`conn`] strings the stages together for one connection; [`app`] builds
@@ -20,6 +23,7 @@
 //! told when something fails.
 
 pub mod app;
+pub mod audit;
 pub mod cancel;
 pub mod cli;
 pub mod commands;
@@ -27,6 +31,7 @@ pub mod config;
 pub mod conn;
 pub mod error;
 pub mod forward;
+pub mod gate;
 pub mod handshake;
 pub mod identity;
 pub mod listener;

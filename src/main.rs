@@ -21,6 +21,9 @@ fn main() -> std::process::ExitCode {
 fn real_main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     init_tracing(cli.proxy.log_format);
+    if let Some(Command::Audit(c)) = cli.command {
+        return rds_iam_proxy::commands::audit::run(c);
+    }
     if let Some(command) = cli.command {
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
@@ -29,6 +32,7 @@ fn real_main() -> anyhow::Result<()> {
         return runtime.block_on(async {
             match command {
                 Command::Token(args) => rds_iam_proxy::commands::token::run(args).await,
+                Command::Audit(_) => unreachable!("handled above"),
             }
         });
     }
