@@ -152,6 +152,12 @@ async fn run(ctx: Arc<AppContext>, socket: Socket, peer: Peer, id: u64) {
         ctx.audit
             .record(crate::audit::record::session_end(id, started, &result))
             .await;
+        if let Err((_, crate::forward::ForwardError::Audit(why))) = &result {
+            let mut out = BytesMut::new();
+            backend::write_error(&mut out, &crate::error::audit_fatal(why));
+            let _ = stream.write_all(&out).await;
+            let _ = stream.shutdown().await;
+        }
         match result {
             Ok((traffic, ending)) => info!(
                 ?ending,

@@ -130,6 +130,15 @@ impl ConnError {
     }
 }
 
+/// The FATAL sent when synchronous audit closes a session.
+pub fn audit_fatal(why: &str) -> ErrorMessage {
+    fatal(
+        "58030",
+        why,
+        Some("ask the operator to check the proxy's audit directory (disk full?)".into()),
+    )
+}
+
 fn upstream_message(e: &UpstreamError, upstream: &str) -> Option<ErrorMessage> {
     use sqlstate::*;
     let unreachable = |what: String| {

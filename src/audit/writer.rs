@@ -306,9 +306,25 @@ impl Writer {
         let mut acks = Vec::new();
         let mut dropped_reported = 0u64;
         loop {
+            if self.file.is_none() {
+                // After a failure: try a new file until the disk takes one.
+                let old = self.path.clone();
+                if self.new_file(Some(&old), "write error").is_ok() {
+                    sink.failed.store(false, Ordering::Relaxed);
+                    warn!(file = %self.path.display(), "audit log writing again");
+                }
+            }
             let closed = {
                 let mut q = sink.queue.lock().unwrap_or_else(|e| e.into_inner());
                 while q.events.is_empty() && !q.closed {
+                    if self.file.is_none() {
+                        let (g, _) = sink
+                            .wake
+                            .wait_timeout(q, Duration::from_millis(100))
+                            .unwrap_or_else(|e| e.into_inner());
+                        q = g;
+                        break;
+                    }
                     let timeout = self.config.rotate_age.saturating_sub(self.opened.elapsed());
                     let (g, _) = sink
                         .wake
@@ -323,6 +339,21 @@ impl Writer {
                 sink.stats.queue_depth.store(0, Ordering::Relaxed);
                 q.closed
             };
+            let batch_len = batch.len();
+            if self.file.is_none() {
+                for (_, ack) in batch.drain(..) {
+                    if let Some(a) = ack {
+                        let _ = a.send(false);
+                    }
+                }
+                sink.stats
+                    .dropped
+                    .fetch_add(batch_len as u64, Ordering::Relaxed);
+                if closed {
+                    return;
+                }
+                continue;
+            }
             let mut result = Ok(());
             let dropped = sink.stats.dropped.load(Ordering::Relaxed);
             if dropped > dropped_reported {
@@ -364,16 +395,14 @@ impl Writer {
                 if !sink.failed.swap(true, Ordering::Relaxed) {
                     error!(file = %self.path.display(), error = %e, "audit log write failed");
                 }
-                // Start over in a new file so a half-written line is not
-                // continued; the chain head is that of the last whole record.
-                let old = std::mem::take(&mut self.path);
+                // Start over in a new file (at the top of the loop) so a
+                // half-written line is not continued; the chain goes on
+                // from the last record written whole. Records of this
+                // batch are lost: count them.
                 self.file = None;
-                if self.new_file(Some(&old), "write error").is_ok() {
-                    sink.failed.store(false, Ordering::Relaxed);
-                    warn!(file = %self.path.display(), "audit log writing again");
-                } else {
-                    std::thread::sleep(Duration::from_millis(100));
-                }
+                sink.stats
+                    .dropped
+                    .fetch_add(batch_len as u64, Ordering::Relaxed);
             }
             for a in acks.drain(..) {
                 let _ = a.send(ok);
