@@ -184,6 +184,9 @@ struct Writer {
     opened: Instant,
     size: u64,
     head: Head,
+    /// The head as of the last successful flush: where the chain goes on
+    /// after a failed write.
+    durable: Head,
     line: Vec<u8>,
     parts: Vec<(usize, usize)>,
 }
@@ -205,6 +208,7 @@ impl Writer {
             opened: Instant::now(),
             size: 0,
             head,
+            durable: head,
             line: Vec::with_capacity(4096),
             parts: Vec::new(),
         };
@@ -221,7 +225,13 @@ impl Writer {
     fn new_file(&mut self, previous: Option<&Path>, why: &str) -> io::Result<()> {
         let now = SystemTime::now();
         let stamp = super::event::rfc3339(now).replace([':', '-'], "");
-        let name = format!("audit-{}-{:08}.jsonl", &stamp[..15], self.head.seq + 1);
+        // Time to the microsecond, then the first seq: names sort in order
+        // and a retry after a failure never meets an earlier file's name.
+        let name = format!(
+            "audit-{}-{:08}.jsonl",
+            stamp.trim_end_matches('Z').replace('.', ""),
+            self.head.seq + 1
+        );
         self.path = self.config.dir.join(name);
         let f = OpenOptions::new()
             .create_new(true)
@@ -233,11 +243,18 @@ impl Writer {
         let prev_name = previous
             .and_then(|p| p.file_name())
             .map(|n| n.to_string_lossy().into_owned());
-        self.record("file_start", now, |o| {
-            o.opt_str("previous_file", prev_name.as_deref())
-                .str("reason", why);
-        })?;
-        self.sync()?;
+        let started = self
+            .record("file_start", now, |o| {
+                o.opt_str("previous_file", prev_name.as_deref())
+                    .str("reason", why);
+            })
+            .and_then(|()| self.sync());
+        if let Err(e) = started {
+            self.file = None;
+            self.head = self.durable;
+            return Err(e);
+        }
+        self.durable = self.head;
         // The directory entry must be durable too, or a crash can lose the
         // whole new file.
         if let Ok(d) = File::open(&self.config.dir) {
@@ -382,6 +399,9 @@ impl Writer {
                     self.sync()
                 };
             }
+            if result.is_ok() {
+                self.durable = self.head;
+            }
             if result.is_ok() && self.needs_rotation() {
                 result = self.rotate(if self.size >= self.config.rotate_bytes {
                     "size"
@@ -400,6 +420,7 @@ impl Writer {
                 // from the last record written whole. Records of this
                 // batch are lost: count them.
                 self.file = None;
+                self.head = self.durable;
                 sink.stats
                     .dropped
                     .fetch_add(batch_len as u64, Ordering::Relaxed);
