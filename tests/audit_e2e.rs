@@ -539,10 +539,9 @@ async fn sync_mode_full_disk_refuses_statements() {
     assert_eq!(present.trim(), "0", "the refused insert never ran");
     let before = count(bed, "audit_disk");
     // New sessions are refused too.
-    let e = try_tokio_pg(&proxy, "aud_disk")
-        .await
-        .err()
-        .expect("refused");
+    let Err(e) = try_tokio_pg(&proxy, "aud_disk").await else {
+        panic!("a new session was accepted with the audit log unwritable");
+    };
     assert_eq!(e.as_db_error().unwrap().code().code(), "58030");
 
     // Space again: the log resumes and so do statements.
