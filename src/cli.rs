@@ -170,10 +170,10 @@ pub struct AuditArgs {
     /// waits, a full queue drops records and counts them); sync (each
     /// statement is forwarded only after its record is fsynced, and refused
     /// if the log cannot be written).
-    #[arg(long = "audit", env = "RDS_IAM_PROXY_AUDIT", value_enum, default_value_t = crate::audit::Mode::Off, value_name = "MODE")]
+    #[arg(long = "audit-mode", env = "RDS_IAM_PROXY_AUDIT_MODE", value_enum, default_value_t = crate::audit::Mode::Off, value_name = "MODE")]
     pub mode: crate::audit::Mode,
 
-    /// Directory for the audit files (required with --audit async|sync).
+    /// Directory for the audit files (required with --audit-mode async|sync).
     #[arg(
         long = "audit-dir",
         env = "RDS_IAM_PROXY_AUDIT_DIR",

@@ -64,7 +64,7 @@ pub enum ConfigError {
     BadRegion(String),
     #[error("no listen address: give --listen or --unix-socket")]
     NoListener,
-    #[error("--audit async|sync needs --audit-dir DIR")]
+    #[error("--audit-mode async|sync needs --audit-dir DIR")]
     NoAuditDir,
 }
 

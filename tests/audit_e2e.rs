@@ -33,7 +33,7 @@ fn setup(test: &str, user: &str) -> Option<(&'static Bed, AwsHome)> {
 
 fn audited(bed: &Bed, home: &AwsHome, mode: &str, dir: &Path) -> Proxy {
     Proxy::builder(bed, home)
-        .arg("--audit", mode)
+        .arg("--audit-mode", mode)
         .arg("--audit-dir", dir)
         .start()
 }
