@@ -157,16 +157,8 @@ impl Gate {
             source,
         };
         loop {
-            if self.inject_pos < self.inject.len() {
-                let n = ready!(w.as_mut().poll_write(cx, &self.inject[self.inject_pos..]))
-                    .map_err(werr)?;
-                if n == 0 {
-                    return Poll::Ready(Err(werr(io::ErrorKind::WriteZero.into())));
-                }
-                self.inject_pos += n;
-                self.need_flush = true;
-                continue;
-            }
+            // Order on the wire: bytes approved before a replacement, the
+            // replacement, then what follows.
             if self.start < self.cleared {
                 let n = ready!(
                     w.as_mut()
@@ -178,6 +170,16 @@ impl Gate {
                 }
                 self.start += n;
                 self.bytes += n as u64;
+                self.need_flush = true;
+                continue;
+            }
+            if self.inject_pos < self.inject.len() {
+                let n = ready!(w.as_mut().poll_write(cx, &self.inject[self.inject_pos..]))
+                    .map_err(werr)?;
+                if n == 0 {
+                    return Poll::Ready(Err(werr(io::ErrorKind::WriteZero.into())));
+                }
+                self.inject_pos += n;
                 self.need_flush = true;
                 continue;
             }
@@ -202,26 +204,41 @@ impl Gate {
                 }
                 continue;
             }
-            let avail = self.end - self.cleared;
-            if self.stream_left > 0 && avail > 0 {
-                let n = self.stream_left.min(avail);
-                self.cleared += n;
-                self.stream_left -= n;
-                continue;
-            }
-            if self.skip_left > 0 && avail > 0 {
-                let n = self.skip_left.min(avail);
+            if self.skip_left > 0 && self.end > self.cleared {
+                let n = self.skip_left.min(self.end - self.cleared);
                 self.cleared += n;
                 self.start = self.cleared;
                 self.skip_left -= n;
                 continue;
             }
+            // Approve every message already here, so they leave in one
+            // write (one TLS record) as they came.
             let mut need = HEADER_LEN;
-            if self.stream_left == 0 && self.skip_left == 0 && avail > 0 {
-                match self.judge(tap)? {
-                    None => continue,
-                    Some(n) => need = n,
+            while self.wait.is_none()
+                && self.skip_left == 0
+                && self.inject_pos >= self.inject.len()
+                && self.end > self.cleared
+            {
+                if self.stream_left > 0 {
+                    let n = self.stream_left.min(self.end - self.cleared);
+                    self.cleared += n;
+                    self.stream_left -= n;
+                    continue;
                 }
+                match self.judge(tap)? {
+                    None => {}
+                    Some(n) => {
+                        need = n;
+                        break;
+                    }
+                }
+            }
+            if self.start < self.cleared
+                || self.inject_pos < self.inject.len()
+                || self.wait.is_some()
+                || (self.skip_left > 0 && self.end > self.cleared)
+            {
+                continue;
             }
             // Nothing more can be decided: read.
             if self.eof {

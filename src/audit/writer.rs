@@ -126,11 +126,15 @@ impl Sink {
             return false;
         }
         q.events.push_back((event, None));
-        self.stats
-            .queue_depth
-            .store(q.events.len() as u64, Ordering::Relaxed);
+        let len = q.events.len();
+        self.stats.queue_depth.store(len as u64, Ordering::Relaxed);
         drop(q);
-        self.wake.notify_one();
+        // The writer takes the whole queue each time it wakes and lingers
+        // a millisecond to let records gather: wake it only when it may be
+        // asleep, not for every record.
+        if len == 1 || len == self.capacity / 2 {
+            self.wake.notify_one();
+        }
         true
     }
 
@@ -351,6 +355,21 @@ impl Writer {
                     if q.events.is_empty() && self.opened.elapsed() >= self.config.rotate_age {
                         break;
                     }
+                }
+                // Async records only: gather for up to a millisecond, so a
+                // busy proxy wakes this thread about once per millisecond
+                // rather than once per record. A durable record is written
+                // at once.
+                if !q.closed
+                    && !q.events.is_empty()
+                    && q.events.len() < sink.capacity / 2
+                    && q.events.iter().all(|(_, ack)| ack.is_none())
+                {
+                    let (g, _) = sink
+                        .wake
+                        .wait_timeout(q, Duration::from_millis(1))
+                        .unwrap_or_else(|e| e.into_inner());
+                    q = g;
                 }
                 std::mem::swap(&mut q.events, &mut batch);
                 sink.stats.queue_depth.store(0, Ordering::Relaxed);
