@@ -10,10 +10,11 @@ VENV="$REPO/.venv"
 REQ="$REPO/testbed/requirements.txt"
 STAMP="$VENV/.requirements.sha256"
 
-# libpam0g-dev: headers for testbed/pam_rdsiam.c; gcc builds it; openssl and
+# libpam0g-dev: headers for testbed/pam_rdsiam.c; gcc builds it; libclang-dev
+# for bindgen in the pg_query crate (the audit log's SQL parser); openssl and
 # postgresql client/server are the bed itself; python3-venv for the venv;
 # iproute2 and util-linux (unshare) put the tests in a network namespace.
-DEB_PACKAGES=(libpam0g-dev gcc libc6-dev openssl python3 python3-venv postgresql-15 postgresql-client-15 iproute2 util-linux)
+DEB_PACKAGES=(libpam0g-dev gcc libc6-dev libclang-dev openssl python3 python3-venv postgresql-15 postgresql-client-15 iproute2 util-linux)
 
 missing=()
 for pkg in "${DEB_PACKAGES[@]}"; do

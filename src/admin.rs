@@ -93,11 +93,19 @@ async fn exchange(mut sock: TcpStream, app: &AppContext, eps: &[Arc<EndpointCont
                 format!("not ready:\n{}\n", reasons.join("\n")),
             ),
         },
-        "/metrics" => (
-            200,
-            "text/plain; version=0.0.4; charset=utf-8",
-            app.metrics.render(),
-        ),
+        "/metrics" => {
+            if let Some(audit) = app.audit.stats() {
+                use std::sync::atomic::Ordering::Relaxed;
+                app.metrics
+                    .set_audit_queue_depth(audit.queue_depth.load(Relaxed));
+                app.metrics.set_audit_dropped(audit.dropped.load(Relaxed));
+            }
+            (
+                200,
+                "text/plain; version=0.0.4; charset=utf-8",
+                app.metrics.render(),
+            )
+        }
         _ => (
             404,
             "text/plain",

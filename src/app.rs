@@ -69,6 +69,8 @@ pub struct AppContext {
     pub tasks: TaskTracker,
     /// All listeners are bound.
     pub started: AtomicBool,
+    /// Audit log and password guard.
+    pub audit: Arc<crate::audit::Auditor>,
     next_id: AtomicU64,
 }
 
@@ -117,6 +119,8 @@ pub enum StartError {
     NoRegion,
     #[error(transparent)]
     Peer(#[from] PeerError),
+    #[error("audit log: {0}")]
+    Audit(#[from] crate::audit::WriterError),
     #[error("cannot listen on {what}: {source}")]
     Bind {
         what: String,
@@ -189,6 +193,7 @@ pub async fn build(
         }));
     }
     let peers = PeerPolicy::from_allow_list(crate::peer::own_uid()?, &config.allow_local_users)?;
+    let audit = Arc::new(crate::audit::Auditor::start(config.audit.clone())?);
     let identity = IdentityService::new(&sdk, config.identity.clone());
     let (phase_tx, phase) = watch::channel(Phase::Running);
     let app = Arc::new(AppContext {
@@ -197,6 +202,7 @@ pub async fn build(
         signer: Signer::default(),
         cancels: Arc::new(CancelRegistry::default()),
         peers,
+        audit,
         metrics: Arc::new(Metrics::default()),
         phase,
         tasks: TaskTracker::new(),
@@ -364,7 +370,8 @@ impl Server {
                 _ = &mut hurry => return true,
             }
         }
-        // Hook: flush the audit trail here, before the process exits.
+        // Every session has ended: flush and close the audit trail.
+        self.app.audit.close();
         false
     }
 }

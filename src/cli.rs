@@ -51,6 +51,9 @@ pub enum Command {
     /// Check credentials, identity, region, DNS, reachability, TLS and token
     /// signing in order, and print what to fix.
     Doctor(DoctorArgs),
+    /// Work with audit log files.
+    #[command(subcommand)]
+    Audit(AuditCommand),
 }
 
 /// `rds-iam-proxy whoami`.
@@ -97,6 +100,17 @@ pub struct ConnectArgs {
 pub struct DoctorArgs {
     #[command(flatten)]
     pub proxy: ProxyArgs,
+}
+
+/// `rds-iam-proxy audit ...`.
+#[derive(Debug, Clone, Subcommand)]
+pub enum AuditCommand {
+    /// Check the hash chain of audit files (oldest first; a directory means
+    /// all its audit files). Exits 1 and names the first broken record.
+    Verify {
+        #[arg(required = true, value_name = "FILE")]
+        files: Vec<PathBuf>,
+    },
 }
 
 /// AWS identity options shared by the proxy and the subcommands.
@@ -235,6 +249,9 @@ pub struct ProxyArgs {
     )]
     pub allow_local_user: Vec<String>,
 
+    #[command(flatten)]
+    pub audit: AuditArgs,
+
     /// Certificate chain (PEM) shown to clients [default: a local CA and
     /// localhost certificate made on first run in the state directory].
     #[arg(
@@ -304,6 +321,69 @@ pub struct ProxyArgs {
     /// Log format on stderr.
     #[arg(long, env = "RDS_IAM_PROXY_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
+}
+
+/// The audit log and the password guard.
+#[derive(Debug, Clone, Args)]
+pub struct AuditArgs {
+    /// Audit log mode: off; async (a bounded queue, forwarding never
+    /// waits, a full queue drops records and counts them); sync (each
+    /// statement is forwarded only after its record is fsynced, and refused
+    /// if the log cannot be written).
+    #[arg(long = "audit-mode", env = "RDS_IAM_PROXY_AUDIT_MODE", value_enum, default_value_t = crate::audit::Mode::Off, value_name = "MODE")]
+    pub mode: crate::audit::Mode,
+
+    /// Directory for the audit files (required with --audit-mode async|sync).
+    #[arg(
+        long = "audit-dir",
+        env = "RDS_IAM_PROXY_AUDIT_DIR",
+        value_name = "DIR"
+    )]
+    pub dir: Option<PathBuf>,
+
+    /// Write Bind parameter values into statement records.
+    #[arg(long = "audit-parameters", env = "RDS_IAM_PROXY_AUDIT_PARAMETERS")]
+    pub parameters: bool,
+
+    /// Statement text kept per record; longer text is cut and its SHA-256
+    /// recorded.
+    #[arg(
+        long = "audit-max-statement",
+        env = "RDS_IAM_PROXY_AUDIT_MAX_STATEMENT",
+        value_name = "BYTES",
+        default_value_t = 65536
+    )]
+    pub max_statement: usize,
+
+    /// Start a new audit file after this many MiB.
+    #[arg(
+        long = "audit-rotate-size",
+        env = "RDS_IAM_PROXY_AUDIT_ROTATE_SIZE",
+        value_name = "MIB",
+        default_value_t = 256
+    )]
+    pub rotate_mib: u64,
+
+    /// Start a new audit file after this long.
+    #[arg(long = "audit-rotate-age", env = "RDS_IAM_PROXY_AUDIT_ROTATE_AGE", value_name = "DURATION", default_value = "24h", value_parser = parse_duration)]
+    pub rotate_age: Duration,
+
+    /// Records the async queue holds before it drops.
+    #[arg(
+        long = "audit-queue",
+        env = "RDS_IAM_PROXY_AUDIT_QUEUE",
+        value_name = "RECORDS",
+        default_value_t = 65536
+    )]
+    pub queue: usize,
+
+    /// Let CREATE/ALTER ROLE ... PASSWORD through (refused by default, so
+    /// IAM stays the only way in).
+    #[arg(
+        long = "allow-password-changes",
+        env = "RDS_IAM_PROXY_ALLOW_PASSWORD_CHANGES"
+    )]
+    pub allow_password_changes: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]

@@ -56,6 +56,8 @@ pub struct Config {
     pub identity: IdentityOptions,
     /// `--allow-local-user` values (names, uids or `any`), resolved at start.
     pub allow_local_users: Vec<String>,
+    /// Audit log and password guard.
+    pub audit: crate::audit::AuditConfig,
     /// Time a client has to finish TLS and send its startup packet.
     pub handshake_timeout: Duration,
     /// Time allowed for the TCP connection to the upstream.
@@ -144,6 +146,8 @@ pub enum ConfigError {
     ParseFile { path: String, message: String },
     #[error(transparent)]
     Identity(#[from] OptionsError),
+    #[error("--audit-mode async|sync needs --audit-dir DIR")]
+    NoAuditDir,
 }
 
 /// The TOML file. Every table denies unknown keys so a typo is an error,
@@ -499,7 +503,22 @@ impl Config {
             });
         }
         check_distinct(&endpoints, path.as_deref())?;
+        let a = &cli.audit;
+        if a.mode != crate::audit::Mode::Off && a.dir.is_none() {
+            return Err(ConfigError::NoAuditDir);
+        }
+        let audit = crate::audit::AuditConfig {
+            mode: a.mode,
+            dir: a.dir.clone(),
+            password_guard: !a.allow_password_changes,
+            parameters: a.parameters,
+            max_statement_bytes: a.max_statement.max(64),
+            rotate_bytes: a.rotate_mib.max(1) * 1024 * 1024,
+            rotate_age: a.rotate_age.max(Duration::from_secs(1)),
+            queue_capacity: a.queue.max(16),
+        };
         Ok(Config {
+            audit,
             endpoints,
             identity: IdentityOptions {
                 profile: profile.clone(),

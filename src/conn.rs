@@ -45,7 +45,7 @@ pub async fn serve(
 ) {
     let id = ctx.next_connection_id();
     let span = info_span!("conn", id, endpoint = %ep.name, peer = %peer.addr);
-    run(ctx, ep, socket, peer).instrument(span).await;
+    run(ctx, ep, socket, peer, id).instrument(span).await;
     drop(slot);
 }
 
@@ -65,16 +65,12 @@ pub async fn refuse_too_many(
     async move {
         let config = ctx.config.load_full();
         let live = ep.live();
-        match negotiate(&ctx, &ep, &config, &live, socket, &peer).await {
+        match negotiate(&ctx, &ep, &config, &live, socket, &peer, id).await {
             Some((_, ClientRequest::Cancel(key))) => forward_cancel(&ctx, &key).await,
-            Some((stream, ClientRequest::Startup(_))) => {
-                refuse(
-                    &ctx,
-                    &ep,
-                    Some(stream),
-                    ConnError::TooManyConnections(limit),
-                )
-                .await
+            Some((stream, ClientRequest::Startup(s))) => {
+                let who = (id, &peer, Some((s.user(), s.database())));
+                let e = ConnError::TooManyConnections(limit);
+                refuse(&ctx, &ep, who, Some(stream), e).await
             }
             None => {}
         }
@@ -92,22 +88,20 @@ async fn negotiate(
     live: &EndpointTls,
     socket: Socket,
     peer: &Peer,
+    id: u64,
 ) -> Option<(ClientStream, ClientRequest)> {
     let negotiate = handshake::negotiate(socket, &live.server_tls, peer.plaintext_ok);
+    let who = (id, peer, None);
     match tokio::time::timeout(config.handshake_timeout, negotiate).await {
         Ok(Ok(Negotiated { stream, request })) => Some((stream, request)),
         Ok(Err(failed)) => {
-            refuse(ctx, ep, failed.stream, ConnError::Handshake(failed.error)).await;
+            let e = ConnError::Handshake(failed.error);
+            refuse(ctx, ep, who, failed.stream, e).await;
             None
         }
         Err(_) => {
-            refuse(
-                ctx,
-                ep,
-                None,
-                ConnError::HandshakeTimeout(config.handshake_timeout),
-            )
-            .await;
+            let e = ConnError::HandshakeTimeout(config.handshake_timeout);
+            refuse(ctx, ep, who, None, e).await;
             None
         }
     }
@@ -122,13 +116,13 @@ async fn forward_cancel(ctx: &AppContext, key: &crate::pg::startup::CancelKey) {
     }
 }
 
-async fn run(ctx: Arc<AppContext>, ep: Arc<EndpointContext>, socket: Socket, peer: Peer) {
+async fn run(ctx: Arc<AppContext>, ep: Arc<EndpointContext>, socket: Socket, peer: Peer, id: u64) {
     let started = Instant::now();
     // One snapshot for the whole connection: a reload never changes a
     // session under way.
     let config = ctx.config.load_full();
     let live = ep.live();
-    let Some((mut stream, request)) = negotiate(&ctx, &ep, &config, &live, socket, &peer).await
+    let Some((mut stream, request)) = negotiate(&ctx, &ep, &config, &live, socket, &peer, id).await
     else {
         return;
     };
@@ -137,7 +131,14 @@ async fn run(ctx: Arc<AppContext>, ep: Arc<EndpointContext>, socket: Socket, pee
             warn!(error = %refusal, "cancel request from a refused local user ignored");
             return;
         }
-        refuse(&ctx, &ep, Some(stream), ConnError::Peer(refusal)).await;
+        refuse(
+            &ctx,
+            &ep,
+            (id, &peer, None),
+            Some(stream),
+            ConnError::Peer(refusal),
+        )
+        .await;
         return;
     }
     let startup = match request {
@@ -154,7 +155,8 @@ async fn run(ctx: Arc<AppContext>, ep: Arc<EndpointContext>, socket: Socket, pee
         let (upstream, identity) = match open_session(&ctx, &ep, &live, &config, &startup).await {
             Ok(s) => s,
             Err(e) => {
-                refuse(&ctx, &ep, Some(stream), e).await;
+                let who = (id, &peer, Some((user.as_str(), database.as_str())));
+                refuse(&ctx, &ep, who, Some(stream), e).await;
                 return;
             }
         };
@@ -174,6 +176,7 @@ async fn run(ctx: Arc<AppContext>, ep: Arc<EndpointContext>, socket: Socket, pee
         }
         let (before_ready, ready) = greeting.split_at(greeting.len() - 6);
         out.extend_from_slice(before_ready);
+        let backend_pid = backend_key.as_ref().map(|k| k.pid as i32);
         let _registration = backend_key.map(|key| {
             let (proxy_key, reg) = ctx
                 .cancels
@@ -182,6 +185,33 @@ async fn run(ctx: Arc<AppContext>, ep: Arc<EndpointContext>, socket: Socket, pee
             reg
         });
         out.extend_from_slice(ready);
+        let start = crate::audit::event::SessionStart {
+            conn: id,
+            identity_source: identity.source.as_str().to_owned(),
+            person: identity.user_name.clone(),
+            role_arn: identity.arn.clone(),
+            account: identity.account.clone(),
+            access_key_id: identity.access_key_id.clone(),
+            client_addr: peer.addr.clone(),
+            client_tls: stream.tls_summary(),
+            upstream: ep.upstream_name.clone(),
+            upstream_addr: addr.to_string(),
+            upstream_tls: up_tls.clone(),
+            db_user: user.clone(),
+            database: database.clone(),
+            application_name: startup.param("application_name").unwrap_or("").to_owned(),
+            backend_pid,
+            ..Default::default()
+        };
+        if !ctx
+            .audit
+            .record(crate::audit::record::session_start(start))
+            .await
+        {
+            let who = (id, &peer, Some((user.as_str(), database.as_str())));
+            refuse(&ctx, &ep, who, Some(stream), ConnError::AuditUnavailable).await;
+            return;
+        }
         if let Err(e) = async {
             stream.write_all(&out).await?;
             stream.flush().await
@@ -208,8 +238,16 @@ async fn run(ctx: Arc<AppContext>, ep: Arc<EndpointContext>, socket: Socket, pee
         let idle = Idle::default();
         let mut watched = Activity::new(&mut up, &idle);
         let mut phase = ctx.phase.clone();
+        let mut tap = crate::audit::tap::wanted(&ctx.audit)
+            .then(|| crate::audit::SessionTap::new(id, ctx.audit.clone()));
         let ended = tokio::select! {
-            r = crate::forward::forward(&mut stream, &mut watched) => Ok(r),
+            r = async {
+                match tap.as_mut() {
+                    // Audit or the password guard: the inspecting pump.
+                    Some(tap) => crate::gate::forward_tapped(&mut stream, &mut watched, tap).await,
+                    None => crate::forward::forward(&mut stream, &mut watched).await,
+                }
+            } => Ok(r),
             _ = phase.wait_for(|p| *p == Phase::Terminating) => Err((
                 sqlstate::ADMIN_SHUTDOWN,
                 "terminating connection due to administrator command",
@@ -221,6 +259,19 @@ async fn run(ctx: Arc<AppContext>, ep: Arc<EndpointContext>, socket: Socket, pee
                 "rds-iam-proxy ends sessions with no traffic for its --idle-timeout",
             )),
         };
+        let end_record = match &ended {
+            Ok(result) => crate::audit::record::session_end(id, started, result),
+            Err((code, message, _)) => {
+                crate::audit::record::session_ended_by_proxy(id, started, code, message)
+            }
+        };
+        ctx.audit.record(end_record).await;
+        if let Ok(Err((_, crate::forward::ForwardError::Audit(why)))) = &ended {
+            let mut out = BytesMut::new();
+            backend::write_error(&mut out, &crate::error::audit_fatal(why));
+            let _ = stream.write_all(&out).await;
+            let _ = stream.shutdown().await;
+        }
         match ended {
             Ok(Ok((traffic, ending))) => {
                 ctx.metrics
@@ -323,9 +374,16 @@ async fn open_session(
 }
 
 /// Logs the failure and, where possible, tells the client why.
+/// Who was refused: connection id, peer, and the user and database asked
+/// for (once the startup was read).
+type Who<'a> = (u64, &'a Peer, Option<(&'a str, &'a str)>);
+
+/// Logs, counts and audits the failure and, where possible, tells the
+/// client why.
 async fn refuse(
     ctx: &AppContext,
     ep: &EndpointContext,
+    who: Who<'_>,
     stream: Option<ClientStream>,
     error: ConnError,
 ) {
@@ -339,6 +397,11 @@ async fn refuse(
     match &message {
         Some(m) => warn!(error = %error, sqlstate = %m.code, "connection refused"),
         None => info!(error = %error, "connection closed during the handshake"),
+    }
+    if let Some(m) = &message {
+        let (id, peer, user_db) = who;
+        let event = crate::audit::record::denial(id, &peer.addr, user_db, &error, Some(&m.code));
+        ctx.audit.record(event).await;
     }
     if let (Some(mut stream), Some(m)) = (stream, message) {
         let mut out = BytesMut::new();

@@ -34,6 +34,8 @@ pub enum ConnError {
     LoginTimeout(std::time::Duration),
     #[error("forwarding: {0}")]
     Forward(#[from] ForwardError),
+    #[error("the audit log cannot be written (synchronous audit)")]
+    AuditUnavailable,
 }
 
 /// SQLSTATEs the proxy uses.
@@ -161,8 +163,22 @@ impl ConnError {
                 Some("check that the cluster is available and reachable from this host".into()),
             ),
             ConnError::Forward(_) => return None,
+            ConnError::AuditUnavailable => fatal(
+                "58030",
+                "rds-iam-proxy cannot write its audit log, and audits synchronously: sessions are refused until it can",
+                Some("ask the operator to check the proxy's audit directory (disk full?)".into()),
+            ),
         })
     }
+}
+
+/// The FATAL sent when synchronous audit closes a session.
+pub fn audit_fatal(why: &str) -> ErrorMessage {
+    fatal(
+        "58030",
+        why,
+        Some("ask the operator to check the proxy's audit directory (disk full?)".into()),
+    )
 }
 
 fn upstream_message(e: &UpstreamError, upstream: &str) -> Option<ErrorMessage> {

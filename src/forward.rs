@@ -41,6 +41,8 @@ pub enum ForwardError {
     Io { side: Side, source: io::Error },
     #[error("client sent a malformed message: {0}")]
     ClientProtocol(#[from] FrameError),
+    #[error("audit: {0}")]
+    Audit(&'static str),
 }
 
 /// How a forwarded session ended.
@@ -62,18 +64,18 @@ pub struct Traffic {
     pub client_messages: u64,
 }
 
-struct Pipe {
+pub(crate) struct Pipe {
     buf: Box<[u8]>,
     pos: usize,
     end: usize,
     eof: bool,
-    done: bool,
+    pub(crate) done: bool,
     need_flush: bool,
-    bytes: u64,
+    pub(crate) bytes: u64,
 }
 
 impl Pipe {
-    fn new() -> Self {
+    pub(crate) fn new() -> Self {
         Self {
             buf: vec![0; BUF_SIZE].into_boxed_slice(),
             pos: 0,
@@ -88,7 +90,7 @@ impl Pipe {
     /// Moves bytes from `r` to `w` until `r` ends (then shuts `w` down) or
     /// either side would block. `inspect` sees every chunk before it is
     /// written.
-    fn poll_pump<R, W>(
+    pub(crate) fn poll_pump<R, W>(
         &mut self,
         cx: &mut Context<'_>,
         mut r: Pin<&mut R>,

@@ -14,6 +14,9 @@
 //! - [`forward`]: both directions until the session ends.
 //! - [`cancel`]: proxy-issued cancel keys and their upstream targets.
 //!
+//! - [`audit`]: the audit trail and the password guard; [`gate`] is the
+//!   forwarding pump that feeds it.
+//!
 //! [`commands`] holds the subcommands (`token`, `whoami`, `policy`,
 //! `connect`, `doctor`); [`banner`] says at start-up who the proxy acts for;
 //! [`peer`] checks which local OS user is on the other end.
@@ -31,6 +34,7 @@
 pub mod activity;
 pub mod admin;
 pub mod app;
+pub mod audit;
 pub mod banner;
 pub mod cancel;
 pub mod cli;
@@ -39,6 +43,7 @@ pub mod config;
 pub mod conn;
 pub mod error;
 pub mod forward;
+pub mod gate;
 pub mod handshake;
 pub mod identity;
 pub mod listener;

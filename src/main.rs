@@ -35,7 +35,11 @@ fn given_ids(m: &ArgMatches) -> Vec<String> {
 }
 
 /// The layered configuration for `args` (flags > env > file > defaults).
-fn load_config(args: &ProxyArgs, given: &[String], env: &Env) -> Result<Config, rds_iam_proxy::config::ConfigError> {
+fn load_config(
+    args: &ProxyArgs,
+    given: &[String],
+    env: &Env,
+) -> Result<Config, rds_iam_proxy::config::ConfigError> {
     Config::load(args, &|id| given.iter().any(|g| g == id), env)
 }
 
@@ -57,6 +61,11 @@ fn real_main() -> anyhow::Result<u8> {
             .build()
             .context("cannot start the async runtime")?;
         return match command {
+            Command::Audit(c) => {
+                init_tracing(cli.proxy.log_format, "warn");
+                rds_iam_proxy::commands::audit::run(c)?;
+                Ok(0)
+            }
             Command::Token(args) => {
                 init_tracing(cli.proxy.log_format, "info");
                 runtime.block_on(rds_iam_proxy::commands::token::run(args))?;
@@ -105,8 +114,7 @@ fn real_main() -> anyhow::Result<u8> {
     }
     init_tracing(config.log_format, "info");
     let args = cli.proxy.clone();
-    let reloader: rds_iam_proxy::app::Reloader =
-        Box::new(move || load_config(&args, &given, &env));
+    let reloader: rds_iam_proxy::app::Reloader = Box::new(move || load_config(&args, &given, &env));
     // Two cores are typical for a proxy host; more threads than cores only
     // add handoffs between them.
     let runtime = tokio::runtime::Builder::new_multi_thread()

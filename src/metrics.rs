@@ -8,7 +8,7 @@
 //!
 //! Hook points for other parts of the proxy: [`Metrics::identity_failure`],
 //! [`Metrics::credentials_refreshed`], [`Metrics::set_audit_queue_depth`],
-//! [`Metrics::audit_dropped`].
+//! [`Metrics::set_audit_dropped`].
 
 use std::fmt::Write as _;
 use std::sync::Mutex;
@@ -128,9 +128,9 @@ impl Metrics {
         self.audit_queue_depth.store(depth, Relaxed);
     }
 
-    /// Hook: records the audit had to drop.
-    pub fn audit_dropped(&self, n: u64) {
-        self.audit_dropped.fetch_add(n, Relaxed);
+    /// Hook: records the audit has had to drop since start (a total).
+    pub fn set_audit_dropped(&self, total: u64) {
+        self.audit_dropped.store(total, Relaxed);
     }
 
     /// A SIGHUP reload, `ok` or `failed`.
@@ -242,6 +242,7 @@ pub fn outcome(e: &ConnError) -> &'static str {
         }
         ConnError::Upstream(_) | ConnError::LoginTimeout(_) => "upstream_failed",
         ConnError::Forward(_) => "forward_failed",
+        ConnError::AuditUnavailable => "audit_unavailable",
     }
 }
 

@@ -1,0 +1,168 @@
+//! What the SQL says, read with PostgreSQL's own parser (libpg_query): the
+//! password guard, statement splitting and redaction.
+//!
+//! Every function first looks for the word `password` (or `;` for
+//! splitting) with a plain byte scan, so the parser runs only for the rare
+//! statements that may need it.
+
+use std::borrow::Cow;
+
+use pg_query::NodeEnum;
+
+/// True if `text` contains `password` in any letter case.
+pub fn mentions_password(text: &[u8]) -> bool {
+    text.windows(8).any(|w| w.eq_ignore_ascii_case(b"password"))
+}
+
+/// True if any statement in `text` sets a role's password: CREATE/ALTER
+/// ROLE, USER or GROUP with a PASSWORD option (ENCRYPTED or not, NULL
+/// included). Text the parser rejects is not a password change the server
+/// would run (same grammar), so it is false.
+pub fn is_password_change(text: &[u8]) -> bool {
+    if !mentions_password(text) {
+        return false;
+    }
+    let sql = String::from_utf8_lossy(text);
+    let Ok(parsed) = pg_query::parse(&sql) else {
+        return false;
+    };
+    parsed.protobuf.stmts.iter().any(|raw| {
+        let options = match raw.stmt.as_ref().and_then(|n| n.node.as_ref()) {
+            Some(NodeEnum::CreateRoleStmt(s)) => &s.options,
+            Some(NodeEnum::AlterRoleStmt(s)) => &s.options,
+            _ => return false,
+        };
+        options.iter().any(|o| {
+            matches!(&o.node, Some(NodeEnum::DefElem(d)) if d.defname.eq_ignore_ascii_case("password"))
+        })
+    })
+}
+
+/// Splits a simple Query's text into its statements as byte ranges, the
+/// way the server does. Leaves `out` empty for a single statement or text
+/// the parser rejects (the server then runs none of it).
+pub fn split(text: &[u8], out: &mut Vec<(usize, usize)>) {
+    out.clear();
+    if !text.contains(&b';') {
+        return;
+    }
+    let Ok(sql) = std::str::from_utf8(text) else {
+        return;
+    };
+    let Ok(parts) = pg_query::split_with_parser(sql) else {
+        return;
+    };
+    if parts.len() < 2 {
+        return;
+    }
+    let base = sql.as_ptr() as usize;
+    for p in parts {
+        let t = p.trim_start();
+        let start = t.as_ptr() as usize - base;
+        out.push((start, start + t.len()));
+    }
+}
+
+/// Statement text as written to the log.
+pub enum Shown<'a> {
+    Plain(&'a [u8]),
+    Redacted(Cow<'static, str>),
+}
+
+impl Shown<'_> {
+    pub fn is_redacted(&self) -> bool {
+        matches!(self, Shown::Redacted(_))
+    }
+}
+
+impl AsRef<[u8]> for Shown<'_> {
+    fn as_ref(&self) -> &[u8] {
+        match self {
+            Shown::Plain(b) => b,
+            Shown::Redacted(s) => s.as_bytes(),
+        }
+    }
+}
+
+/// The text with every literal replaced by `$n` if it mentions a password
+/// (CREATE/ALTER ROLE, user mappings, dblink connection strings...). Text
+/// the parser cannot read is withheld whole rather than risk a secret.
+pub fn redact(text: &[u8]) -> Shown<'_> {
+    if !mentions_password(text) {
+        return Shown::Plain(text);
+    }
+    match std::str::from_utf8(text)
+        .ok()
+        .and_then(|s| pg_query::normalize(s).ok())
+    {
+        Some(n) if !leaks_literal(&n) => Shown::Redacted(Cow::Owned(n)),
+        _ => Shown::Redacted(Cow::Borrowed(
+            "<withheld: mentions a password and could not be parsed>",
+        )),
+    }
+}
+
+/// A normalized text still holding a quoted literal (normalize leaves
+/// some utility-statement options alone) is not safe to show.
+fn leaks_literal(normalized: &str) -> bool {
+    normalized.contains('\'') || normalized.contains("$$")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn finds_every_form_of_password_change() {
+        for sql in [
+            "ALTER USER alice PASSWORD 'SCRAM-SHA-256$4096:abc$def:ghi'",
+            "alter role alice with encrypted password 'x'",
+            "CREATE ROLE bob LOGIN PASSWORD 'secret'",
+            "create user bob password 'secret' valid until 'infinity'",
+            "ALTER ROLE CURRENT_USER PASSWORD NULL",
+            "create group g with password 'p'",
+            "select 1; ALTER USER alice PASSWORD 'p'; select 2",
+            "/* hi */ AlTeR   uSeR \"Alice\"\n PaSsWoRd 'p'",
+        ] {
+            assert!(is_password_change(sql.as_bytes()), "{sql}");
+        }
+        for sql in [
+            "select 'password'",
+            "create table t (password text)",
+            "ALTER ROLE alice VALID UNTIL 'infinity'",
+            "select 1",
+            "ALTER USER alice PASSWORD", // a syntax error: the server runs nothing
+            "DO $$BEGIN EXECUTE 'ALTER USER a PASSWORD ''x'''; END$$",
+        ] {
+            assert!(!is_password_change(sql.as_bytes()), "{sql}");
+        }
+    }
+
+    #[test]
+    fn redacts_secrets_and_keeps_the_rest() {
+        let shown = redact(b"ALTER USER alice PASSWORD 'SCRAM-SHA-256$4096:abc$def:ghi'");
+        let s = std::str::from_utf8(shown.as_ref()).unwrap();
+        assert!(shown.is_redacted());
+        assert!(!s.contains("SCRAM"), "{s}");
+        assert!(s.contains("alice"), "{s}");
+        let s =
+            redact(b"CREATE USER MAPPING FOR x SERVER s OPTIONS (user 'u', password 'hunter2')");
+        assert!(!std::str::from_utf8(s.as_ref()).unwrap().contains("hunter2"));
+        assert!(matches!(redact(b"select 1"), Shown::Plain(b"select 1")));
+        let s = redact(b"password 'oops' not sql");
+        assert!(!std::str::from_utf8(s.as_ref()).unwrap().contains("oops"));
+    }
+
+    #[test]
+    fn splits_like_the_server() {
+        let text = b"select 1; select ';' ;select 2";
+        let mut out = Vec::new();
+        split(text, &mut out);
+        let parts: Vec<&[u8]> = out.iter().map(|&(a, b)| &text[a..b]).collect();
+        assert_eq!(parts, [&b"select 1"[..], b"select ';' ", b"select 2"]);
+        split(b"select 1;", &mut out);
+        assert!(out.is_empty());
+        split(b"select 1; nonsense here", &mut out);
+        assert!(out.is_empty());
+    }
+}
