@@ -187,7 +187,7 @@ async fn run(ctx: Arc<AppContext>, ep: Arc<EndpointContext>, socket: Socket, pee
         out.extend_from_slice(ready);
         let start = crate::audit::event::SessionStart {
             conn: id,
-            identity_source: identity.source.as_str().to_owned(),
+            identity_source: identity.source.key().to_owned(),
             person: identity.user_name.clone(),
             role_arn: identity.arn.clone(),
             account: identity.account.clone(),

@@ -135,7 +135,7 @@ fn psql_session_produces_exactly_the_expected_records() {
     let conn = start["conn"].as_u64().unwrap();
     assert_eq!(start["person"], "aud_psql");
     assert_eq!(start["db_user"], "aud_psql");
-    assert_eq!(start["identity_source"], "aws-profile");
+    assert_eq!(start["identity_source"], "sso");
     assert_eq!(start["application_name"], "audit-test");
     assert_eq!(
         start["backend_pid"], pid,

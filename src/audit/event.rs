@@ -20,7 +20,7 @@ pub const SCHEMA_VERSION: u32 = 1;
 pub struct SessionStart {
     pub conn: u64,
     pub time: Option<SystemTime>,
-    /// Where the identity came from, e.g. `aws-profile`.
+    /// Where the identity came from: `sso`, `saml` or `workload`.
     pub identity_source: String,
     pub person: String,
     pub role_arn: String,

@@ -57,6 +57,15 @@ impl SourceKind {
             SourceKind::Workload => "workload role",
         }
     }
+
+    /// The `--identity-source` value, as written in audit records.
+    pub fn key(self) -> &'static str {
+        match self {
+            SourceKind::Sso => "sso",
+            SourceKind::Saml => "saml",
+            SourceKind::Workload => "workload",
+        }
+    }
 }
 
 /// How the identity source is configured (validated by [`IdentityOptions::new`]).
