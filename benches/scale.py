@@ -131,7 +131,7 @@ class AsyncSession:
         await self.writer.wait_closed()
 
 
-async def idle_sessions(pid, port, ctx, n, parallel):
+async def idle_sessions(pid, port, ctx, n, parallel, rounds):
     out = {"sessions": n}
     await asyncio.sleep(0)
     out["rss_before_kib"] = rss(pid)
@@ -165,6 +165,15 @@ async def idle_sessions(pid, port, ctx, n, parallel):
         await asyncio.sleep(0.1)
     out["rss_after_close_kib"] = rss(pid)
     out["fds_after_close"] = open_fds(pid)
+    # A second round tells memory the allocator keeps for reuse from a leak:
+    # it should need (almost) nothing beyond the first round's peak.
+    out["rss_later_rounds_kib"] = []
+    for _ in range(rounds - 1):
+        again = [AsyncSession(port, ctx) for _ in range(n)]
+        await asyncio.gather(*(open_one(s) for s in again))
+        await asyncio.sleep(1)
+        out["rss_later_rounds_kib"].append(rss(pid))
+        await asyncio.gather(*(s.close() for s in again))
     out["kib_per_idle_session"] = (out["rss_idle_kib"] - out["rss_before_kib"]) / n
     out["kib_per_session_after_query"] = (out["rss_after_query_kib"] - out["rss_before_kib"]) / n
     out["fds_per_session"] = (out["fds_idle"] - out["fds_before"]) / n
@@ -302,7 +311,7 @@ class ScaleBench(macro.Bench):
             print(f"idle: proxy pid {proc.pid}, open files limit {nofile_limit(proc.pid)}; "
                   f"opening {a.sessions} sessions ({a.parallel} logins at a time)", flush=True)
             r = asyncio.run(idle_sessions(proc.pid, int(penv["PGPORT"]), self.client_tls(),
-                                          a.sessions, a.parallel))
+                                          a.sessions, a.parallel, a.idle_rounds))
             r["nofile_soft_limit"] = nofile_limit(proc.pid)
             r["load"] = " ".join(macro.load())
             results["idle"] = r
@@ -331,7 +340,8 @@ class ScaleBench(macro.Bench):
                   f"| {r['kib_per_session_after_query']:.1f} | {r['fds_per_session']:.2f} | {r['nofile_soft_limit']} "
                   f"| {r['open_secs']:.1f} s |")
             print(f"\nafter closing all: RSS {r['rss_after_close_kib'] / 1024:.1f} MiB, {r['fds_after_close']} fds "
-                  f"(before: {r['fds_before']})\n")
+                  f"(before: {r['fds_before']}); RSS with {r['sessions']} sessions open in later rounds: "
+                  + ", ".join(f"{k / 1024:.1f} MiB" for k in r["rss_later_rounds_kib"]) + "\n")
         if "slow" in results:
             r = results["slow"]
             print("| slow reader | bytes received | time | MB/s | RSS before | RSS min | median | max | samples |")
@@ -346,6 +356,8 @@ def main():
     ap.add_argument("--scenarios", nargs="+", choices=["idle", "slow"], default=["idle", "slow"])
     ap.add_argument("--sessions", type=int, default=int(os.environ.get("SESSIONS", 1000)))
     ap.add_argument("--parallel", type=int, default=32, help="logins in flight at once while opening sessions")
+    ap.add_argument("--idle-rounds", type=int, default=3,
+                    help="open and close the sessions this many times (later rounds show reuse vs. growth)")
     ap.add_argument("--copy-mb", type=int, default=int(os.environ.get("COPY_MB", 2048)))
     ap.add_argument("--chunk-kib", type=int, default=64)
     ap.add_argument("--pause-ms", type=float, default=1.0)
