@@ -4,7 +4,7 @@
 # result, on the local test bed, TLS on every hop. Needs root.
 #
 #   sudo benches/scale.sh                              # both scenarios
-#   SESSIONS=200 COPY_MB=256 sudo benches/scale.sh     # a quick look
+#   sudo SESSIONS=200 COPY_MB=256 benches/scale.sh     # a quick look
 #   sudo benches/scale.sh --scenarios idle
 set -euo pipefail
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
