@@ -666,8 +666,9 @@ def oidc_error(status, code, oauth_error):
 
 
 class Bed:
-    def __init__(self, state_dir, keep):
+    def __init__(self, state_dir, keep, max_connections=200):
         self.keep = keep
+        self.max_connections = max_connections
         self.state_dir = state_dir
         self.pam_service = "rdsiam_" + secrets.token_hex(6)
         self.pam_file = f"/etc/pam.d/{self.pam_service}"
@@ -806,7 +807,8 @@ class Bed:
                     f"listen_addresses = '127.0.0.1'\nport = {self.pg_port}\n"
                     f"unix_socket_directories = '{self.pg_socket_dir}'\n"
                     "ssl = on\nssl_cert_file = 'server.crt'\nssl_key_file = 'server.key'\n"
-                    "max_connections = 200\nfsync = off\nsynchronous_commit = off\nfull_page_writes = off\n"
+                    f"max_connections = {self.max_connections}\n"
+                    "fsync = off\nsynchronous_commit = off\nfull_page_writes = off\n"
                     "password_encryption = 'scram-sha-256'\n"
                     "log_connections = on\nlog_disconnections = on\nlog_line_prefix = '%m [%p] %q%u@%d '\n"
                 )
@@ -933,6 +935,8 @@ def main():
     run = sub.add_parser("run", help="start the bed, print its JSON line, run until stdin closes")
     run.add_argument("--state-dir", help="directory to create (default: a fresh /tmp/rdsiam-bed-*)")
     run.add_argument("--keep", action="store_true", help="keep the state directory after stopping")
+    run.add_argument("--max-connections", type=int, default=200, metavar="N",
+                     help="PostgreSQL max_connections (default 200; the scale benchmark raises it)")
     args = ap.parse_args()
 
     if os.geteuid() != 0:
@@ -946,7 +950,7 @@ def main():
         # Short path on purpose: the verifier socket lives here (sun_path is 108 bytes).
         state_dir = tempfile.mkdtemp(prefix="rdsiam-bed-", dir="/tmp")
 
-    bed = Bed(state_dir, args.keep)
+    bed = Bed(state_dir, args.keep, args.max_connections)
 
     def on_signal(signum, _frame):
         bed.stopping.set()
