@@ -3,7 +3,7 @@
 # pgbouncer on the local test bed, TLS on every hop. Needs root.
 #
 #   sudo benches/pgbench.sh                       # all scenarios, 3 rounds of 15 s
-#   DURATION=5 ROUNDS=1 sudo benches/pgbench.sh   # a quick look
+#   sudo DURATION=5 ROUNDS=1 benches/pgbench.sh   # a quick look
 #   sudo benches/pgbench.sh --scenarios select8 bulk4 --targets direct proxy
 set -euo pipefail
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
