@@ -321,6 +321,11 @@ pub struct ProxyArgs {
     /// Log format on stderr.
     #[arg(long, env = "RDS_IAM_PROXY_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
+
+    /// Threads that forward traffic [default: one per CPU]. Command line
+    /// and environment only (read before the configuration file).
+    #[arg(long, env = "RDS_IAM_PROXY_WORKER_THREADS", value_name = "N")]
+    pub worker_threads: Option<std::num::NonZeroUsize>,
 }
 
 /// The audit log and the password guard.

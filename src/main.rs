@@ -115,9 +115,13 @@ fn real_main() -> anyhow::Result<u8> {
     init_tracing(config.log_format, "info");
     let args = cli.proxy.clone();
     let reloader: rds_iam_proxy::app::Reloader = Box::new(move || load_config(&args, &given, &env));
-    // Two cores are typical for a proxy host; more threads than cores only
-    // add handoffs between them.
-    let runtime = tokio::runtime::Builder::new_multi_thread()
+    // One worker per CPU by default: more threads than cores only add
+    // handoffs between them.
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    if let Some(n) = cli.proxy.worker_threads {
+        builder.worker_threads(n.get());
+    }
+    let runtime = builder
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;
