@@ -6,30 +6,14 @@ mod support;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
-use support::bed::{AwsHome, Bed, unique_temp_path};
+use support::bed::{AwsHome, Bed, sso_setup, unique_temp_path};
 use support::proxy::{Proxy, clean_pg_env, run};
 
 const DEADLINE: Duration = Duration::from_secs(30);
 const GUARD_MESSAGE: &str = "password changes are not allowed through rds-iam-proxy";
-
-fn create_user(bed: &Bed, user: &str) {
-    static CREATED: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
-    let mut created = CREATED.lock().unwrap();
-    if !created.iter().any(|u| u == user) {
-        bed.create_iam_user(user);
-        created.push(user.to_owned());
-    }
-}
-
-fn setup(test: &str, user: &str) -> Option<(&'static Bed, AwsHome)> {
-    let bed = Bed::shared(test)?;
-    create_user(bed, user);
-    Some((bed, AwsHome::sso(bed, user, "DatabaseAdmin")))
-}
 
 fn audited(bed: &Bed, home: &AwsHome, mode: &str, dir: &Path) -> Proxy {
     Proxy::builder(bed, home)
@@ -110,7 +94,7 @@ fn brief(r: &Value) -> String {
 
 #[test]
 fn psql_session_produces_exactly_the_expected_records() {
-    let Some((bed, home)) = setup(
+    let Some((bed, home)) = sso_setup(
         "psql_session_produces_exactly_the_expected_records",
         "aud_psql",
     ) else {
@@ -200,7 +184,7 @@ fn psql_session_produces_exactly_the_expected_records() {
 
 #[tokio::test]
 async fn password_changes_are_refused_audited_and_redacted() {
-    let Some((bed, home)) = setup(
+    let Some((bed, home)) = sso_setup(
         "password_changes_are_refused_audited_and_redacted",
         "aud_guard",
     ) else {
@@ -228,7 +212,7 @@ async fn password_changes_are_refused_audited_and_redacted() {
     assert_eq!(out.trim(), "still usable");
 
     // Extended protocol, inside a transaction, and pipelined.
-    let client = tokio_pg(&proxy, "aud_guard").await;
+    let client = proxy.tokio_pg("aud_guard").await.unwrap();
     let e = client
         .execute("alter role aud_guard with encrypted password 'x'", &[])
         .await
@@ -285,43 +269,9 @@ async fn password_changes_are_refused_audited_and_redacted() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
-fn proxy_tls_config(proxy: &Proxy) -> rustls::ClientConfig {
-    use rustls_pki_types::pem::PemObject;
-    let mut roots = rustls::RootCertStore::empty();
-    let pem = std::fs::read(proxy.ca_cert()).unwrap();
-    for cert in rustls_pki_types::CertificateDer::pem_slice_iter(&pem) {
-        roots.add(cert.unwrap()).unwrap();
-    }
-    rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::aws_lc_rs::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .unwrap()
-    .with_root_certificates(roots)
-    .with_no_client_auth()
-}
-
-async fn tokio_pg(proxy: &Proxy, user: &str) -> tokio_postgres::Client {
-    try_tokio_pg(proxy, user).await.unwrap()
-}
-
-async fn try_tokio_pg(
-    proxy: &Proxy,
-    user: &str,
-) -> Result<tokio_postgres::Client, tokio_postgres::Error> {
-    let tls = tokio_postgres_rustls::MakeRustlsConnect::new(proxy_tls_config(proxy));
-    let conninfo = format!(
-        "host=127.0.0.1 port={} user={user} dbname=mylab sslmode=require",
-        proxy.addr.port()
-    );
-    let (client, conn) = tokio_postgres::connect(&conninfo, tls).await?;
-    tokio::spawn(conn);
-    Ok(client)
-}
-
 #[tokio::test]
 async fn prepared_statements_are_resolved_to_their_text() {
-    let Some((bed, home)) = setup("prepared_statements_are_resolved_to_their_text", "aud_prep")
+    let Some((bed, home)) = sso_setup("prepared_statements_are_resolved_to_their_text", "aud_prep")
     else {
         return;
     };
@@ -347,7 +297,7 @@ async fn prepared_statements_are_resolved_to_their_text() {
     let (ok, out, err) = run(&mut cmd);
     assert!(ok, "{out}{err}");
 
-    let client = tokio_pg(&proxy, "aud_prep").await;
+    let client = proxy.tokio_pg("aud_prep").await.unwrap();
     let stmt = client
         .prepare("select $1::int * 2 as tp_marker")
         .await
@@ -413,7 +363,7 @@ fn count(bed: &Bed, table: &str) -> i64 {
 
 #[test]
 fn sync_mode_kill_9_loses_no_record_of_a_forwarded_statement() {
-    let Some((bed, home)) = setup(
+    let Some((bed, home)) = sso_setup(
         "sync_mode_kill_9_loses_no_record_of_a_forwarded_statement",
         "aud_kill",
     ) else {
@@ -484,7 +434,7 @@ fn sync_mode_kill_9_loses_no_record_of_a_forwarded_statement() {
 
 #[tokio::test]
 async fn sync_mode_full_disk_refuses_statements() {
-    let Some((bed, home)) = setup("sync_mode_full_disk_refuses_statements", "aud_disk") else {
+    let Some((bed, home)) = sso_setup("sync_mode_full_disk_refuses_statements", "aud_disk") else {
         return;
     };
     bed.admin_sql(
@@ -508,7 +458,7 @@ async fn sync_mode_full_disk_refuses_statements() {
     }
     let _umount = Umount(dir.clone());
     let proxy = audited(bed, &home, "sync", &dir.join("log"));
-    let client = tokio_pg(&proxy, "aud_disk").await;
+    let client = proxy.tokio_pg("aud_disk").await.unwrap();
     client
         .batch_execute("insert into audit_disk values (1)")
         .await
@@ -545,7 +495,7 @@ async fn sync_mode_full_disk_refuses_statements() {
     assert_eq!(present.trim(), "0", "the refused insert never ran");
     let before = count(bed, "audit_disk");
     // New sessions are refused too.
-    let Err(e) = try_tokio_pg(&proxy, "aud_disk").await else {
+    let Err(e) = proxy.tokio_pg("aud_disk").await else {
         panic!("a new session was accepted with the audit log unwritable");
     };
     assert_eq!(e.as_db_error().unwrap().code().code(), "58030");

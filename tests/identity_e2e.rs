@@ -13,28 +13,10 @@ mod support;
 
 use std::path::Path;
 use std::process::Command;
-use std::sync::Mutex;
 use std::time::{Duration, SystemTime};
 
 use support::bed::{AwsHome, Bed, unique_temp_path};
 use support::proxy::{Proxy, clean_pg_env, run};
-
-fn create_user(bed: &Bed, user: &str) {
-    static CREATED: Mutex<Vec<String>> = Mutex::new(Vec::new());
-    let mut created = CREATED.lock().unwrap();
-    if !created.iter().any(|u| u == user) {
-        bed.create_iam_user(user);
-        created.push(user.to_owned());
-    }
-}
-
-fn verifier_lines_for(bed: &Bed, user: &str) -> usize {
-    let needle = format!("user='{user}'");
-    bed.verifier_log()
-        .lines()
-        .filter(|l| l.contains(&needle))
-        .count()
-}
 
 /// Polls `probe` until it returns Some, with a deadline.
 fn eventually<T>(what: &str, within: Duration, mut probe: impl FnMut() -> Option<T>) -> T {
@@ -85,7 +67,7 @@ fn sso_expired_login_names_the_profile_and_relogin_is_picked_up_live() {
     let Some(bed) = Bed::shared("sso_expired_login") else {
         return;
     };
-    create_user(bed, "ivy");
+    bed.create_iam_user("ivy");
     let cache = bed.sso_login_with("ivy", "DatabaseAdmin", Some(-120), false);
     let home = AwsHome::sso_with_cache(bed, "DatabaseAdmin", &cache);
     // Never signed in: no cache file at all.
@@ -132,7 +114,7 @@ fn sso_token_is_refreshed_through_oidc() {
     let Some(bed) = Bed::shared("sso_token_is_refreshed_through_oidc") else {
         return;
     };
-    create_user(bed, "jonas");
+    bed.create_iam_user("jonas");
     // Within aws-config's five-minute refresh window from the start.
     let cache = bed.sso_login_with("jonas", "DatabaseAdmin", Some(120), true);
     let home = AwsHome::sso_with_cache(bed, "DatabaseAdmin", &cache);
@@ -162,8 +144,8 @@ fn a_non_identity_center_session_is_refused_unless_it_is_a_workload() {
     let Some(bed) = Bed::shared("non_identity_center_session") else {
         return;
     };
-    create_user(bed, "orders_app");
-    create_user(bed, "orders_admin");
+    bed.create_iam_user("orders_app");
+    bed.create_iam_user("orders_admin");
     let home = AwsHome::assumed_role(bed, "orders-task-role", "orders-7f3a");
     // Default source (SSO): the role session name is not a person.
     let proxy = Proxy::builder(bed, &home).start();
@@ -189,7 +171,7 @@ fn a_non_identity_center_session_is_refused_unless_it_is_a_workload() {
     let (ok, out, err) = run(proxy.psql("orders_app", "").args(SELECT_USER));
     assert!(ok, "{err}\n{}", proxy.log());
     assert_eq!(out.trim(), "orders_app");
-    let before = verifier_lines_for(bed, "orders_admin");
+    let before = bed.verifier_lines_for("orders_admin");
     let (ok, _, err) = run(proxy.psql("orders_admin", "").args(SELECT_USER));
     assert!(!ok);
     assert!(
@@ -197,7 +179,7 @@ fn a_non_identity_center_session_is_refused_unless_it_is_a_workload() {
             && err.contains("connect as one of: orders_app"),
         "{err}"
     );
-    assert_eq!(verifier_lines_for(bed, "orders_admin"), before);
+    assert_eq!(bed.verifier_lines_for("orders_admin"), before);
     // `token` makes the same check.
     let token = |extra: &[&str]| {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_rds-iam-proxy"));
@@ -305,8 +287,8 @@ fn saml_assertion_with_the_user_name_tag() {
     let Some(bed) = Bed::shared("saml_assertion_with_the_user_name_tag") else {
         return;
     };
-    create_user(bed, "sofia");
-    create_user(bed, "saml_other");
+    bed.create_iam_user("sofia");
+    bed.create_iam_user("saml_other");
     let home = AwsHome::without_credentials(bed);
     let file = unique_temp_path("rdsiam-saml");
     let assertion = saml_response(&["DatabaseUsers"], Some("sofia"), in_minutes(5));
@@ -318,14 +300,14 @@ fn saml_assertion_with_the_user_name_tag() {
     assert!(ok, "{err}\n{}", proxy.log());
     assert_eq!(out.trim(), "sofia");
     // The tag decides, not RoleSessionName; others are refused before signing.
-    let before = verifier_lines_for(bed, "saml_other");
+    let before = bed.verifier_lines_for("saml_other");
     let (ok, _, err) = run(proxy.psql("saml_other", "").args(SELECT_USER));
     assert!(!ok);
     assert!(
         err.contains("is not yours") && err.contains("\"sofia\""),
         "{err}"
     );
-    assert_eq!(verifier_lines_for(bed, "saml_other"), before);
+    assert_eq!(bed.verifier_lines_for("saml_other"), before);
     let log = proxy.log();
     assert!(
         !log.contains(&assertion[..64]),
@@ -343,7 +325,7 @@ fn saml_assertions_that_cannot_be_used_are_refused_with_the_reason() {
     let Some(bed) = Bed::shared("saml_assertions_that_cannot_be_used") else {
         return;
     };
-    create_user(bed, "tomas");
+    bed.create_iam_user("tomas");
     let home = AwsHome::without_credentials(bed);
     let file = unique_temp_path("rdsiam-saml");
     let write = |a: String| std::fs::write(&file, a).unwrap();
@@ -429,7 +411,7 @@ fn another_local_os_user_is_refused_on_loopback_tcp_and_unix_socket() {
     let Some(bed) = Bed::shared("another_local_os_user_is_refused") else {
         return;
     };
-    create_user(bed, "petra");
+    bed.create_iam_user("petra");
     let home = AwsHome::sso(bed, "petra", "DatabaseAdmin");
     let proxy = Proxy::builder(bed, &home).unix_socket().start();
     let dir = proxy.unix_dir.clone().unwrap();
@@ -439,7 +421,7 @@ fn another_local_os_user_is_refused_on_loopback_tcp_and_unix_socket() {
             & 0o777
     };
     assert_eq!((mode(&dir), mode(&socket)), (0o700, 0o600));
-    let before = verifier_lines_for(bed, "petra");
+    let before = bed.verifier_lines_for("petra");
 
     let (ok, _, err) = psql_as_nobody("127.0.0.1", proxy.addr.port(), "petra");
     assert!(!ok);
@@ -461,7 +443,7 @@ fn another_local_os_user_is_refused_on_loopback_tcp_and_unix_socket() {
         err.contains("local OS user \"nobody\" (uid 65534) may not use this proxy"),
         "{err}"
     );
-    assert_eq!(verifier_lines_for(bed, "petra"), before, "a token was used");
+    assert_eq!(bed.verifier_lines_for("petra"), before, "a token was used");
     let log = eventually("two refusals logged", Duration::from_secs(10), || {
         let log = proxy.log();
         (log.matches("local peer refused").count() >= 2).then_some(log)
@@ -535,7 +517,7 @@ fn a_login_that_cannot_renew_itself_is_announced_before_it_ends() {
     let Some(bed) = Bed::shared("a_login_that_cannot_renew_itself_is_announced") else {
         return;
     };
-    create_user(bed, "ulla");
+    bed.create_iam_user("ulla");
     // Five minutes left, no refresh token: inside the ten-minute warning.
     let cache = bed.sso_login_with("ulla", "DatabaseAdmin", Some(300), false);
     let home = AwsHome::sso_with_cache(bed, "DatabaseAdmin", &cache);
@@ -655,7 +637,7 @@ fn a_revoked_refresh_token_gets_the_same_sign_in_again_message() {
     let Some(bed) = Bed::shared("a_revoked_refresh_token") else {
         return;
     };
-    create_user(bed, "vera");
+    bed.create_iam_user("vera");
     let cache = bed.sso_login_with("vera", "DatabaseAdmin", Some(-120), true);
     bed.revoke_refresh_token(cache["refreshToken"].as_str().unwrap());
     let home = AwsHome::sso_with_cache(bed, "DatabaseAdmin", &cache);

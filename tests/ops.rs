@@ -10,28 +10,12 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use support::bed::{AwsHome, Bed, unique_temp_path};
+use support::bed::{AwsHome, Bed, sso_setup, unique_temp_path};
 use support::proxy::{Proxy, clean_pg_env, run};
 use tokio_postgres::NoTls;
 use tokio_postgres::error::SqlState;
 
 const DEADLINE: Duration = Duration::from_secs(30);
-
-/// Creates an IAM database user once per test process.
-fn create_user(bed: &Bed, user: &str) {
-    static CREATED: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
-    let mut created = CREATED.lock().unwrap();
-    if !created.iter().any(|u| u == user) {
-        bed.create_iam_user(user);
-        created.push(user.to_owned());
-    }
-}
-
-fn sso_setup(test: &str, user: &str) -> Option<(&'static Bed, AwsHome)> {
-    let bed = Bed::shared(test)?;
-    create_user(bed, user);
-    Some((bed, AwsHome::sso(bed, user, "DatabaseAdmin")))
-}
 
 /// The binary with no inherited RDS_IAM_PROXY_* or PG* settings.
 fn binary() -> Command {

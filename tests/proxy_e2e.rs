@@ -7,37 +7,11 @@ use std::process::Stdio;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use support::bed::{AwsHome, Bed};
+use support::bed::{AwsHome, Bed, sso_setup};
 use support::proxy::{Proxy, clean_pg_env, run};
 use support::raw;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-
-/// Creates an IAM database user once per test process; tests run in
-/// parallel and CREATE ROLE races with itself.
-fn create_user(bed: &Bed, user: &str) {
-    static CREATED: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
-    let mut created = CREATED.lock().unwrap();
-    if !created.iter().any(|u| u == user) {
-        bed.create_iam_user(user);
-        created.push(user.to_owned());
-    }
-}
-
-/// The shared bed plus an SSO home for `user` (an IAM database user).
-fn sso_setup(test: &str, user: &str) -> Option<(&'static Bed, AwsHome)> {
-    let bed = Bed::shared(test)?;
-    create_user(bed, user);
-    Some((bed, AwsHome::sso(bed, user, "DatabaseAdmin")))
-}
-
-fn verifier_lines_for(bed: &Bed, user: &str) -> usize {
-    let needle = format!("user='{user}'");
-    bed.verifier_log()
-        .lines()
-        .filter(|l| l.contains(&needle))
-        .count()
-}
 
 const SSL_CHECK: &str =
     "select current_user || '|' || (select ssl from pg_stat_ssl where pid = pg_backend_pid())";
@@ -102,44 +76,13 @@ fn unix_socket_and_application_name_reach_the_server() {
     );
 }
 
-fn proxy_tls_config(proxy: &Proxy) -> rustls::ClientConfig {
-    let mut roots = rustls::RootCertStore::empty();
-    let pem = std::fs::read(proxy.ca_cert()).unwrap();
-    for cert in rustls_pki_types::CertificateDer::pem_slice_iter(&pem) {
-        roots.add(cert.unwrap()).unwrap();
-    }
-    rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::aws_lc_rs::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .unwrap()
-    .with_root_certificates(roots)
-    .with_no_client_auth()
-}
-
-use rustls_pki_types::pem::PemObject;
-
-async fn tokio_pg(
-    proxy: &Proxy,
-    user: &str,
-) -> Result<tokio_postgres::Client, tokio_postgres::Error> {
-    let tls = tokio_postgres_rustls::MakeRustlsConnect::new(proxy_tls_config(proxy));
-    let conninfo = format!(
-        "host=127.0.0.1 port={} user={user} dbname=mylab sslmode=require",
-        proxy.addr.port()
-    );
-    let (client, conn) = tokio_postgres::connect(&conninfo, tls).await?;
-    tokio::spawn(conn);
-    Ok(client)
-}
-
 #[tokio::test]
 async fn tokio_postgres_extended_protocol() {
     let Some((bed, home)) = sso_setup("tokio_postgres_extended_protocol", "arianna") else {
         return;
     };
     let proxy = Proxy::builder(bed, &home).start();
-    let client = tokio_pg(&proxy, "arianna").await.unwrap();
+    let client = proxy.tokio_pg("arianna").await.unwrap();
     let stmt = client
         .prepare("select $1::int + $2::int, current_user")
         .await
@@ -165,10 +108,11 @@ async fn someone_elses_user_is_refused_before_any_token_is_signed() {
     ) else {
         return;
     };
-    create_user(bed, "mallory_target");
+    bed.create_iam_user("mallory_target");
     let proxy = Proxy::builder(bed, &home).start();
-    let before = verifier_lines_for(bed, "mallory_target");
-    let err = tokio_pg(&proxy, "mallory_target")
+    let before = bed.verifier_lines_for("mallory_target");
+    let err = proxy
+        .tokio_pg("mallory_target")
         .await
         .expect_err("must be refused");
     let db = err.as_db_error().expect("a server error");
@@ -183,7 +127,7 @@ async fn someone_elses_user_is_refused_before_any_token_is_signed() {
     );
     assert_eq!(db.hint(), Some("connect as user \"arianna\""));
     // Nothing reached the database for that user.
-    assert_eq!(verifier_lines_for(bed, "mallory_target"), before);
+    assert_eq!(bed.verifier_lines_for("mallory_target"), before);
     let log = proxy.wait_for_log("connection refused", Duration::from_secs(10));
     assert!(!log.contains("session started"), "{log}");
 }
@@ -193,7 +137,7 @@ fn session_token_credentials_and_no_secret_in_logs() {
     let Some(bed) = Bed::shared("session_token_credentials_and_no_secret_in_logs") else {
         return;
     };
-    create_user(bed, "carol");
+    bed.create_iam_user("carol");
     let creds = bed.mint_credentials("carol", "ReadOnly");
     let secret = creds.secret_access_key.clone();
     let session_token = creds
@@ -272,7 +216,7 @@ async fn upstream_unreachable_is_08001() {
     let proxy = Proxy::builder(bed, &home)
         .arg("--connect-to", format!("127.0.0.1:{port}"))
         .start();
-    let err = tokio_pg(&proxy, "arianna").await.expect_err("must fail");
+    let err = proxy.tokio_pg("arianna").await.expect_err("must fail");
     let db = err.as_db_error().expect("a server error");
     assert_eq!(
         db.code(),
@@ -291,12 +235,12 @@ async fn upstream_certificate_must_match_ca_and_name() {
     else {
         return;
     };
-    let accepted_before = verifier_lines_for(bed, "tlscheck");
+    let accepted_before = bed.verifier_lines_for("tlscheck");
     // The server's certificate is not from this CA.
     let proxy = Proxy::builder(bed, &home)
         .arg("--upstream-ca", &bed.info.other_ca_cert)
         .start();
-    let err = tokio_pg(&proxy, "tlscheck").await.expect_err("must fail");
+    let err = proxy.tokio_pg("tlscheck").await.expect_err("must fail");
     let db = err.as_db_error().expect("a server error");
     assert_eq!(db.code().code(), "08001");
     assert!(
@@ -313,7 +257,7 @@ async fn upstream_certificate_must_match_ca_and_name() {
             "other.cluster-c0ffee.eu-west-1.rds.amazonaws.com:5432",
         )
         .start();
-    let err = tokio_pg(&proxy, "tlscheck").await.expect_err("must fail");
+    let err = proxy.tokio_pg("tlscheck").await.expect_err("must fail");
     let db = err.as_db_error().expect("a server error");
     assert_eq!(db.code().code(), "08001");
     assert!(
@@ -322,7 +266,7 @@ async fn upstream_certificate_must_match_ca_and_name() {
         db.message()
     );
     // No token was offered to a server that failed verification.
-    assert_eq!(verifier_lines_for(bed, "tlscheck"), accepted_before);
+    assert_eq!(bed.verifier_lines_for("tlscheck"), accepted_before);
 }
 
 #[test]
@@ -370,7 +314,7 @@ async fn unknown_cancel_keys_are_ignored() {
         return;
     };
     let proxy = Proxy::builder(bed, &home).start();
-    let client = tokio_pg(&proxy, "arianna").await.unwrap();
+    let client = proxy.tokio_pg("arianna").await.unwrap();
     let pid: i32 = client
         .query_one("select pg_backend_pid()", &[])
         .await
@@ -575,7 +519,7 @@ async fn direct_tls_needs_alpn() {
     let proxy = Proxy::builder(bed, &home).start();
     let name = rustls_pki_types::ServerName::try_from("localhost").unwrap();
     // With ALPN "postgresql", as PostgreSQL 17's sslnegotiation=direct does.
-    let mut config = proxy_tls_config(&proxy);
+    let mut config = proxy.tls_config();
     config.alpn_protocols = vec![b"postgresql".to_vec()];
     let tcp = TcpStream::connect(proxy.addr).await.unwrap();
     let mut tls = tokio_rustls::TlsConnector::from(Arc::new(config))
@@ -593,7 +537,7 @@ async fn direct_tls_needs_alpn() {
     assert_eq!(raw::simple_query(&mut tls, "select 40 + 2").await, ["42"]);
     // Without ALPN the proxy refuses, as PostgreSQL does.
     let tcp = TcpStream::connect(proxy.addr).await.unwrap();
-    let mut tls = tokio_rustls::TlsConnector::from(Arc::new(proxy_tls_config(&proxy)))
+    let mut tls = tokio_rustls::TlsConnector::from(Arc::new(proxy.tls_config()))
         .connect(name, tcp)
         .await
         .unwrap();

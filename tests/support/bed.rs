@@ -122,6 +122,9 @@ pub struct Bed {
     child: Mutex<Child>,
     stdin: Mutex<Option<ChildStdin>>,
     stderr_path: PathBuf,
+    /// IAM users created so far: tests run in parallel and CREATE ROLE
+    /// races with itself, so creation is serialized and done once.
+    created_users: Mutex<Vec<String>>,
 }
 
 pub fn repo_root() -> PathBuf {
@@ -220,6 +223,7 @@ impl Bed {
             child: Mutex::new(child),
             stdin: Mutex::new(stdin),
             stderr_path,
+            created_users: Mutex::new(Vec::new()),
         }
     }
 
@@ -290,6 +294,10 @@ impl Bed {
 
     /// A login role that authenticates with IAM tokens (idempotent).
     pub fn create_iam_user(&self, name: &str) {
+        let mut created = self.created_users.lock().unwrap_or_else(|e| e.into_inner());
+        if created.iter().any(|u| u == name) {
+            return;
+        }
         let ident = quote_ident(name);
         let literal = name.replace('\'', "''");
         let db = quote_ident(&self.info.database);
@@ -300,6 +308,17 @@ impl Bed {
              GRANT ALL ON DATABASE {db} TO {ident};\n\
              GRANT ALL ON SCHEMA public TO {ident};"
         ));
+        created.push(name.to_owned());
+    }
+
+    /// How many verifier verdicts name `user` (each is a token that
+    /// reached the database).
+    pub fn verifier_lines_for(&self, user: &str) -> usize {
+        let needle = format!("user='{user}'");
+        self.verifier_log()
+            .lines()
+            .filter(|l| l.contains(&needle))
+            .count()
     }
 
     /// `aws sso login` for `user`: the SSO cache-file JSON (1 h token, refreshable).
@@ -444,6 +463,14 @@ pub fn http_json(base: &str, method: &str, path: &str, body: Option<&Value>) -> 
         .unwrap_or_else(|| panic!("bad HTTP response: {head}"));
     let value = serde_json::from_str(body).unwrap_or(Value::Null);
     (status, value)
+}
+
+/// The shared bed, the IAM database user `user`, and an SSO home signed in
+/// as `user`; `None` (after a SKIPPED line) when not root.
+pub fn sso_setup(test: &str, user: &str) -> Option<(&'static Bed, AwsHome)> {
+    let bed = Bed::shared(test)?;
+    bed.create_iam_user(user);
+    Some((bed, AwsHome::sso(bed, user, "DatabaseAdmin")))
 }
 
 /// A throwaway HOME holding one AWS identity, for child processes.

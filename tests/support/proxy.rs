@@ -182,6 +182,38 @@ impl Proxy {
         }
     }
 
+    /// A rustls client configuration that trusts the proxy's CA.
+    pub fn tls_config(&self) -> rustls::ClientConfig {
+        use rustls_pki_types::pem::PemObject;
+        let mut roots = rustls::RootCertStore::empty();
+        let pem = std::fs::read(self.ca_cert()).unwrap();
+        for cert in rustls_pki_types::CertificateDer::pem_slice_iter(&pem) {
+            roots.add(cert.unwrap()).unwrap();
+        }
+        rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::aws_lc_rs::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth()
+    }
+
+    /// tokio-postgres through the proxy over TLS, as `user` to mylab.
+    pub async fn tokio_pg(
+        &self,
+        user: &str,
+    ) -> Result<tokio_postgres::Client, tokio_postgres::Error> {
+        let tls = tokio_postgres_rustls::MakeRustlsConnect::new(self.tls_config());
+        let conninfo = format!(
+            "host=127.0.0.1 port={} user={user} dbname=mylab sslmode=require",
+            self.addr.port()
+        );
+        let (client, conn) = tokio_postgres::connect(&conninfo, tls).await?;
+        tokio::spawn(conn);
+        Ok(client)
+    }
+
     /// The CA that clients verify the proxy with.
     pub fn ca_cert(&self) -> PathBuf {
         self.state_dir.join("ca.crt")
