@@ -146,7 +146,7 @@ pub enum ConfigError {
     ParseFile { path: String, message: String },
     #[error(transparent)]
     Identity(#[from] OptionsError),
-    #[error("--audit-mode async|sync needs --audit-dir DIR")]
+    #[error("--audit-mode async|sync needs --audit-dir DIR (audit.mode / audit.dir in the file)")]
     NoAuditDir,
 }
 
@@ -166,8 +166,23 @@ pub struct FileConfig {
     pub max_sigterm_delay: Option<String>,
     pub log_format: Option<String>,
     pub admin: Option<AdminFile>,
+    pub audit: Option<AuditFile>,
     #[serde(default)]
     pub endpoint: Vec<EndpointFile>,
+}
+
+/// The `[audit]` table: the `--audit-*` flags without their prefix.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuditFile {
+    pub mode: Option<String>,
+    pub dir: Option<PathBuf>,
+    pub parameters: Option<bool>,
+    pub max_statement: Option<usize>,
+    pub rotate_size: Option<u64>,
+    pub rotate_age: Option<String>,
+    pub queue: Option<usize>,
+    pub allow_password_changes: Option<bool>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -503,20 +518,7 @@ impl Config {
             });
         }
         check_distinct(&endpoints, path.as_deref())?;
-        let a = &cli.audit;
-        if a.mode != crate::audit::Mode::Off && a.dir.is_none() {
-            return Err(ConfigError::NoAuditDir);
-        }
-        let audit = crate::audit::AuditConfig {
-            mode: a.mode,
-            dir: a.dir.clone(),
-            password_guard: !a.allow_password_changes,
-            parameters: a.parameters,
-            max_statement_bytes: a.max_statement.max(64),
-            rotate_bytes: a.rotate_mib.max(1) * 1024 * 1024,
-            rotate_age: a.rotate_age.max(Duration::from_secs(1)),
-            queue_capacity: a.queue.max(16),
-        };
+        let audit = merge_audit(cli, given, f.audit.as_ref(), &fk)?;
         Ok(Config {
             audit,
             endpoints,
@@ -589,6 +591,24 @@ impl Config {
                 let _ = writeln!(s, "# admin listener: off");
             }
         }
+        let a = &self.audit;
+        let mode = clap::ValueEnum::to_possible_value(&a.mode)
+            .map(|v| v.get_name().to_owned())
+            .unwrap_or_default();
+        let _ = writeln!(s, "\n[audit]\nmode = {}", q(&mode));
+        if let Some(dir) = &a.dir {
+            let _ = writeln!(s, "dir = {}", q(&dir.display().to_string()));
+        }
+        let _ = writeln!(
+            s,
+            "parameters = {}\nmax_statement = {}\nrotate_size = {}\nrotate_age = {}\nqueue = {}\nallow_password_changes = {}",
+            a.parameters,
+            a.max_statement_bytes,
+            a.rotate_bytes / (1024 * 1024),
+            d(a.rotate_age),
+            a.queue_capacity,
+            !a.password_guard
+        );
         for e in &self.endpoints {
             let _ = writeln!(s, "\n[[endpoint]]\nname = {}", q(&e.name));
             let _ = writeln!(
@@ -659,6 +679,56 @@ impl EndpointConfig {
 }
 
 /// A flag's value when given, else the file's, else the flag's default.
+/// `--audit-*` flags over the `[audit]` table.
+fn merge_audit(
+    cli: &ProxyArgs,
+    given: Given<'_>,
+    file: Option<&AuditFile>,
+    fk: &dyn Fn(&str) -> String,
+) -> Result<crate::audit::AuditConfig, ConfigError> {
+    use clap::ValueEnum;
+    let a = &cli.audit;
+    let empty = AuditFile::default();
+    let t = file.unwrap_or(&empty);
+    let mode = match (&t.mode, given("mode")) {
+        (Some(v), false) => {
+            crate::audit::Mode::from_str(v, true).map_err(|_| ConfigError::BadValue {
+                key: fk("audit.mode"),
+                value: v.clone(),
+                problem: "use \"off\", \"async\" or \"sync\"".into(),
+            })?
+        }
+        _ => a.mode,
+    };
+    let rotate_age = match (&t.rotate_age, given("rotate_age")) {
+        (Some(v), false) => parse_duration(v).map_err(|problem| ConfigError::BadValue {
+            key: fk("audit.rotate_age"),
+            value: v.clone(),
+            problem,
+        })?,
+        _ => a.rotate_age,
+    };
+    let dir = pick(given("dir"), a.dir.clone(), t.dir.clone().map(Some));
+    if mode != crate::audit::Mode::Off && dir.is_none() {
+        return Err(ConfigError::NoAuditDir);
+    }
+    let allow_password_changes = pick(
+        given("allow_password_changes"),
+        a.allow_password_changes,
+        t.allow_password_changes,
+    );
+    Ok(crate::audit::AuditConfig {
+        mode,
+        dir,
+        password_guard: !allow_password_changes,
+        parameters: pick(given("parameters"), a.parameters, t.parameters),
+        max_statement_bytes: pick(given("max_statement"), a.max_statement, t.max_statement).max(64),
+        rotate_bytes: pick(given("rotate_mib"), a.rotate_mib, t.rotate_size).max(1) * 1024 * 1024,
+        rotate_age: rotate_age.max(Duration::from_secs(1)),
+        queue_capacity: pick(given("queue"), a.queue, t.queue).max(16),
+    })
+}
+
 fn pick<T>(flag_given: bool, flag: T, file: Option<T>) -> T {
     match file {
         Some(v) if !flag_given => v,
@@ -824,6 +894,30 @@ mod tests {
             None => None,
         };
         Config::merge(&parsed.proxy, &given, file, &Env::default())
+    }
+
+    #[test]
+    fn audit_table_under_the_flags() {
+        let toml = "[audit]\nmode = \"sync\"\ndir = \"/var/log/rip\"\nrotate_age = \"1h\"\nallow_password_changes = true\n";
+        let c = load(&["--upstream", "db.x"], Some(toml)).unwrap();
+        assert_eq!(c.audit.mode, crate::audit::Mode::Sync);
+        assert_eq!(c.audit.dir.as_deref(), Some(Path::new("/var/log/rip")));
+        assert_eq!(c.audit.rotate_age, Duration::from_secs(3600));
+        assert!(!c.audit.password_guard);
+        // A flag beats the file.
+        let c = load(&["--upstream", "db.x", "--audit-mode", "async"], Some(toml)).unwrap();
+        assert_eq!(c.audit.mode, crate::audit::Mode::Async);
+        // The effective configuration reads back as the same.
+        let again = load(&[], Some(&c.render())).unwrap();
+        assert_eq!(again.audit, c.audit);
+        let e = load(&["--upstream", "db.x"], Some("[audit]\nmode = \"loud\"\n")).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "audit.mode in /etc/p.toml \"loud\": use \"off\", \"async\" or \"sync\""
+        );
+        let e = load(&["--upstream", "db.x"], Some("[audit]\nmode = \"async\"\n")).unwrap_err();
+        assert_eq!(e, ConfigError::NoAuditDir);
+        assert!(load(&["--upstream", "db.x"], Some("[audit]\nfsync = true\n")).is_err());
     }
 
     #[test]
