@@ -75,6 +75,45 @@ pub fn split_frame(buf: &[u8], max_len: u32) -> Result<Option<(Header, &[u8])>, 
     }
 }
 
+/// Assembles one header from bytes that arrive in arbitrary chunks; shared
+/// by every streaming reader of tagged messages.
+#[derive(Debug, Clone)]
+pub struct HeaderReader {
+    max_len: u32,
+    header: [u8; HEADER_LEN],
+    have: usize,
+}
+
+impl HeaderReader {
+    /// A reader that rejects messages longer than `max_len`.
+    pub fn new(max_len: u32) -> Self {
+        Self {
+            max_len,
+            header: [0; HEADER_LEN],
+            have: 0,
+        }
+    }
+
+    /// True when no header byte is pending.
+    pub fn is_empty(&self) -> bool {
+        self.have == 0
+    }
+
+    /// Takes header bytes from the front of `chunk`, advancing it; returns
+    /// the header once all five bytes are in.
+    pub fn take(&mut self, chunk: &mut &[u8]) -> Result<Option<Header>, FrameError> {
+        let take = (HEADER_LEN - self.have).min(chunk.len());
+        self.header[self.have..self.have + take].copy_from_slice(&chunk[..take]);
+        self.have += take;
+        *chunk = &chunk[take..];
+        if self.have < HEADER_LEN {
+            return Ok(None);
+        }
+        self.have = 0;
+        parse_header(&self.header, self.max_len)
+    }
+}
+
 /// Follows message boundaries through a byte stream that arrives in
 /// arbitrary chunks, without buffering message bodies.
 ///
@@ -83,9 +122,7 @@ pub fn split_frame(buf: &[u8], max_len: u32) -> Result<Option<(Header, &[u8])>, 
 /// bytes themselves are forwarded untouched.
 #[derive(Debug, Clone)]
 pub struct Scanner {
-    max_len: u32,
-    header: [u8; HEADER_LEN],
-    have: usize,
+    header: HeaderReader,
     remaining: usize,
 }
 
@@ -93,16 +130,14 @@ impl Scanner {
     /// A scanner that rejects messages longer than `max_len`.
     pub fn new(max_len: u32) -> Self {
         Self {
-            max_len,
-            header: [0; HEADER_LEN],
-            have: 0,
+            header: HeaderReader::new(max_len),
             remaining: 0,
         }
     }
 
     /// True when the stream is between two messages.
     pub fn at_boundary(&self) -> bool {
-        self.have == 0 && self.remaining == 0
+        self.header.is_empty() && self.remaining == 0
     }
 
     /// Consumes `chunk`, calling `on_header` for every header completed in it.
@@ -118,14 +153,7 @@ impl Scanner {
                 chunk = &chunk[skip..];
                 continue;
             }
-            let take = (HEADER_LEN - self.have).min(chunk.len());
-            self.header[self.have..self.have + take].copy_from_slice(&chunk[..take]);
-            self.have += take;
-            chunk = &chunk[take..];
-            if self.have == HEADER_LEN {
-                let header =
-                    parse_header(&self.header, self.max_len)?.expect("a full header is buffered");
-                self.have = 0;
+            if let Some(header) = self.header.take(&mut chunk)? {
                 self.remaining = header.body_len();
                 on_header(header);
             }

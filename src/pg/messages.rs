@@ -6,7 +6,7 @@
 
 use thiserror::Error;
 
-use crate::pg::frame::{FrameError, HEADER_LEN, parse_header};
+use crate::pg::frame::{FrameError, HeaderReader};
 
 /// A message body that ends early or lacks a terminator.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Error)]
@@ -185,9 +185,7 @@ pub fn write_parse(out: &mut Vec<u8>, name: &[u8], sql: &str) {
 /// buffer reused for the whole stream.
 #[derive(Debug, Clone)]
 pub struct Capture {
-    max_len: u32,
-    header: [u8; HEADER_LEN],
-    have: usize,
+    header: HeaderReader,
     remaining: usize,
     tag: u8,
     /// Body bytes still to copy into `body`; `None` when this message is
@@ -200,9 +198,7 @@ impl Capture {
     /// Capture never keeps more than `max_keep` bytes of a body.
     pub fn new(max_len: u32, max_keep: usize) -> Self {
         Self {
-            max_len,
-            header: [0; HEADER_LEN],
-            have: 0,
+            header: HeaderReader::new(max_len),
             remaining: 0,
             tag: 0,
             keep: None,
@@ -234,14 +230,7 @@ impl Capture {
                 }
                 continue;
             }
-            let take = (HEADER_LEN - self.have).min(chunk.len());
-            self.header[self.have..self.have + take].copy_from_slice(&chunk[..take]);
-            self.have += take;
-            chunk = &chunk[take..];
-            if self.have == HEADER_LEN {
-                let header =
-                    parse_header(&self.header, self.max_len)?.expect("a full header is buffered");
-                self.have = 0;
+            if let Some(header) = self.header.take(&mut chunk)? {
                 self.tag = header.tag;
                 self.remaining = header.body_len();
                 self.keep = wanted(header.tag).map(|k| k.min(self.body.capacity()));
