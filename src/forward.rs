@@ -56,6 +56,21 @@ pub enum Ending {
     UpstreamClosed,
 }
 
+/// The result of a pump's run: its traffic, and who ended the session.
+pub(crate) fn finish(
+    traffic: Traffic,
+    result: Result<(), ForwardError>,
+    client_terminated: bool,
+    client_done: bool,
+) -> Result<(Traffic, Ending), (Traffic, ForwardError)> {
+    match result {
+        Ok(()) if client_terminated => Ok((traffic, Ending::ClientTerminated)),
+        Ok(()) if client_done => Ok((traffic, Ending::ClientClosed)),
+        Ok(()) => Ok((traffic, Ending::UpstreamClosed)),
+        Err(e) => Err((traffic, e)),
+    }
+}
+
 /// Totals of one session.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Traffic {
@@ -225,12 +240,7 @@ where
         upstream_to_client: down.bytes,
         client_messages: messages,
     };
-    match result {
-        Ok(()) if terminated => Ok((traffic, Ending::ClientTerminated)),
-        Ok(()) if up.done => Ok((traffic, Ending::ClientClosed)),
-        Ok(()) => Ok((traffic, Ending::UpstreamClosed)),
-        Err(e) => Err((traffic, e)),
-    }
+    finish(traffic, result, terminated, up.done)
 }
 
 #[cfg(test)]

@@ -360,12 +360,7 @@ where
         upstream_to_client: down.bytes,
         client_messages: up.messages,
     };
-    match result {
-        Ok(()) if up.terminated => Ok((traffic, Ending::ClientTerminated)),
-        Ok(()) if up.done => Ok((traffic, Ending::ClientClosed)),
-        Ok(()) => Ok((traffic, Ending::UpstreamClosed)),
-        Err(e) => Err((traffic, e)),
-    }
+    crate::forward::finish(traffic, result, up.terminated, up.done)
 }
 
 fn server_wanted(tag: u8) -> Option<usize> {

@@ -255,23 +255,8 @@ impl Bed {
             user,
             i.database
         );
-        let mut cmd = Command::new("psql");
-        for (k, _) in std::env::vars_os() {
-            if k.to_string_lossy().starts_with("PG") {
-                cmd.env_remove(k);
-            }
-        }
-        cmd.env("PGPASSWORD", password)
-            .env("PGCONNECT_TIMEOUT", "20")
-            .args([
-                conninfo.as_str(),
-                "-X",
-                "-q",
-                "-A",
-                "-t",
-                "-v",
-                "ON_ERROR_STOP=1",
-            ]);
+        let mut cmd = psql(&conninfo);
+        cmd.env("PGPASSWORD", password);
         cmd
     }
 
@@ -463,6 +448,27 @@ pub fn http_json(base: &str, method: &str, path: &str, body: Option<&Value>) -> 
         .unwrap_or_else(|| panic!("bad HTTP response: {head}"));
     let value = serde_json::from_str(body).unwrap_or(Value::Null);
     (status, value)
+}
+
+/// psql on `conninfo` with a clean libpq environment (no inherited PG*
+/// variables), unaligned tuples-only output, stopping at the first error.
+pub fn psql(conninfo: &str) -> Command {
+    let mut cmd = Command::new("psql");
+    for (k, _) in std::env::vars_os() {
+        if k.to_string_lossy().starts_with("PG") {
+            cmd.env_remove(k);
+        }
+    }
+    cmd.env("PGCONNECT_TIMEOUT", "20").args([
+        conninfo,
+        "-X",
+        "-q",
+        "-A",
+        "-t",
+        "-v",
+        "ON_ERROR_STOP=1",
+    ]);
+    cmd
 }
 
 /// The shared bed, the IAM database user `user`, and an SSO home signed in

@@ -257,19 +257,8 @@ impl Proxy {
             self.addr.port(),
             self.ca_cert().display()
         );
-        let mut cmd = Command::new("psql");
-        clean_pg_env(&mut cmd);
-        cmd.env("PGCONNECT_TIMEOUT", "20")
-            .args([
-                conninfo.as_str(),
-                "-X",
-                "-q",
-                "-A",
-                "-t",
-                "-v",
-                "ON_ERROR_STOP=1",
-            ])
-            .stdin(Stdio::null());
+        let mut cmd = super::bed::psql(&conninfo);
+        cmd.stdin(Stdio::null());
         cmd
     }
 }
