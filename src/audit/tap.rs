@@ -165,14 +165,24 @@ impl SessionTap {
                     return Verdict::Forward;
                 };
                 let refuse = self.guard_refuses(text);
-                let mut st = self.statement(Protocol::Simple, Text::capture(text, cap));
                 if refuse {
-                    st.refused = Some("password change");
                     self.refused += 1;
                 }
-                let n = st.n;
-                let wait = if self.logging() { self.emit(st) } else { None };
-                self.pending.push_back(Pending::Simple { n, part: 0 });
+                // With the guard alone nothing reads the text or the
+                // outcomes (the pump feeds server messages only when
+                // logging), so nothing is recorded or queued.
+                let wait = if self.logging() {
+                    let mut st = self.statement(Protocol::Simple, Text::capture(text, cap));
+                    if refuse {
+                        st.refused = Some("password change");
+                    }
+                    let n = st.n;
+                    let wait = self.emit(st);
+                    self.pending.push_back(Pending::Simple { n, part: 0 });
+                    wait
+                } else {
+                    None
+                };
                 if refuse {
                     inject.clear();
                     messages::write_query(inject, GUARD_SQL);
@@ -431,5 +441,24 @@ mod tests {
         messages::write_parse(&mut expect, b"s1", GUARD_SQL);
         assert_eq!(inject, expect);
         assert_eq!(t.refused, 2);
+    }
+
+    /// The guard alone keeps no state per statement: a long session of
+    /// simple queries must not grow the outcome queue nobody drains.
+    #[test]
+    fn guard_alone_keeps_nothing_per_statement() {
+        let mut t = tap();
+        let mut inject = Vec::new();
+        let mut q = Vec::new();
+        messages::write_query(&mut q, "select 1");
+        for _ in 0..10_000 {
+            assert!(matches!(
+                t.client_message(b'Q', &q[5..], true, &mut inject),
+                Verdict::Forward
+            ));
+        }
+        assert_eq!(t.pending.len(), 0);
+        assert_eq!(t.n, 0);
+        assert!(inject.is_empty());
     }
 }
