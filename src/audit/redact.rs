@@ -10,8 +10,15 @@ use std::borrow::Cow;
 use pg_query::NodeEnum;
 
 /// True if `text` contains `password` in any letter case.
+///
+/// Runs on every statement the guard sees, so it jumps between the `p`s
+/// with memchr's vectorised search instead of comparing at every byte
+/// (about 10 instructions per byte before).
 pub fn mentions_password(text: &[u8]) -> bool {
-    text.windows(8).any(|w| w.eq_ignore_ascii_case(b"password"))
+    memchr::memchr2_iter(b'p', b'P', text).any(|i| {
+        text.get(i..i + 8)
+            .is_some_and(|w| w.eq_ignore_ascii_case(b"password"))
+    })
 }
 
 /// True if any statement in `text` sets a role's password: CREATE/ALTER
@@ -111,6 +118,57 @@ fn leaks_literal(normalized: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The vectorised search agrees with a comparison at every byte, on
+    /// the edges (start, end, a `p` too near the end) and on many mixed
+    /// texts from a fixed pseudo-random sequence.
+    #[test]
+    fn mentions_password_matches_a_byte_by_byte_search() {
+        let naive = |t: &[u8]| t.windows(8).any(|w| w.eq_ignore_ascii_case(b"password"));
+        for t in [
+            &b"password"[..],
+            b"x PASSWORD",
+            b"PassWord x",
+            b"passwor",
+            b"ppppassword",
+            b"select 1 from p",
+            b"pAsSwOrD\xff\xfe",
+            b"",
+        ] {
+            assert_eq!(mentions_password(t), naive(t), "{t:?}");
+        }
+        // Texts glued from pieces of the word, so that hits and near
+        // misses both occur often.
+        let pieces: [&[u8]; 8] = [
+            b"pass",
+            b"PASS",
+            b"word",
+            b"Word",
+            b"p",
+            b"x ",
+            b"pas",
+            b"\xc3\xa9",
+        ];
+        let mut state = 0x2545_f491_4f6c_dd1du64;
+        let mut next = || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state
+        };
+        let mut hits = 0;
+        for _ in 0..5000 {
+            let mut t = Vec::new();
+            for _ in 0..next() % 9 {
+                t.extend_from_slice(pieces[(next() % pieces.len() as u64) as usize]);
+            }
+            let want = naive(&t);
+            hits += usize::from(want);
+            assert_eq!(mentions_password(&t), want, "{t:?}");
+        }
+        // Both answers were exercised.
+        assert!(hits > 100 && hits < 4900, "{hits} hits");
+    }
 
     #[test]
     fn finds_every_form_of_password_change() {
