@@ -71,6 +71,8 @@ pub struct AppContext {
     pub started: AtomicBool,
     /// Audit log and password guard.
     pub audit: Arc<crate::audit::Auditor>,
+    /// The threads that carry sessions.
+    pub workers: crate::workers::SessionWorkers,
     next_id: AtomicU64,
 }
 
@@ -121,6 +123,8 @@ pub enum StartError {
     Peer(#[from] PeerError),
     #[error("audit log: {0}")]
     Audit(#[from] crate::audit::WriterError),
+    #[error("cannot start the session worker threads: {0}")]
+    Workers(std::io::Error),
     #[error("cannot listen on {what}: {source}")]
     Bind {
         what: String,
@@ -196,6 +200,8 @@ pub async fn build(
     let audit = Arc::new(crate::audit::Auditor::start(config.audit.clone())?);
     let identity = IdentityService::new(&sdk, config.identity.clone());
     let (phase_tx, phase) = watch::channel(Phase::Running);
+    let workers = crate::workers::SessionWorkers::start(config.worker_threads)
+        .map_err(StartError::Workers)?;
     let app = Arc::new(AppContext {
         config: ArcSwap::from_pointee(config),
         identity,
@@ -206,6 +212,7 @@ pub async fn build(
         metrics: Arc::new(Metrics::default()),
         phase,
         tasks: TaskTracker::new(),
+        workers,
         started: AtomicBool::new(false),
         next_id: AtomicU64::new(0),
     });

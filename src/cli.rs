@@ -322,8 +322,12 @@ pub struct ProxyArgs {
     #[arg(long, env = "RDS_IAM_PROXY_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
 
-    /// Threads that forward traffic [default: one per CPU]. Command line
-    /// and environment only (read before the configuration file).
+    /// Threads that carry client sessions, each with its own event loop
+    /// [default: half the CPUs, at least one]; the main thread only
+    /// accepts, answers the admin listener and handles signals. One worker
+    /// carries tens of thousands of round trips a second; raise this when
+    /// the proxy keeps a whole core busy. Command line and environment
+    /// only, read once at start-up.
     #[arg(long, env = "RDS_IAM_PROXY_WORKER_THREADS", value_name = "N")]
     pub worker_threads: Option<std::num::NonZeroUsize>,
 }

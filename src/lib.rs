@@ -3,7 +3,9 @@
 //!
 //! A connection's life, one module per stage (see ARCHITECTURE.md):
 //!
-//! - [`listener`]: TCP and unix listeners, accept loops.
+//! - [`listener`]: TCP and unix listeners, accept loops; each accepted
+//!   socket goes to one of the [`workers`] (a thread with its own event
+//!   loop) for the rest of its life.
 //! - [`handshake`]: SSLRequest / GSSENCRequest / direct TLS / CancelRequest,
 //!   then the StartupMessage.
 //! - [`peer`]: which local OS user is behind a loopback or unix connection.
@@ -57,3 +59,4 @@ pub mod systemd;
 pub mod tls;
 pub mod token;
 pub mod upstream;
+pub mod workers;

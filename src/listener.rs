@@ -76,13 +76,14 @@ impl Listener {
                     let max = app.config.load().max_connections;
                     match app.metrics.try_acquire(max) {
                         Some(slot) => {
-                            app.tasks.spawn(conn::serve(
-                                app.clone(),
-                                ep.clone(),
-                                socket,
-                                peer,
-                                slot,
-                            ));
+                            // Counted from now, so a shutdown waits for
+                            // it even before its worker first runs it.
+                            let tracked = app.tasks.token();
+                            let (app, ep) = (app.clone(), ep.clone());
+                            app.clone().workers.spawn(socket, move |socket| async move {
+                                conn::serve(app, ep, socket, peer, slot).await;
+                                drop(tracked);
+                            });
                         }
                         None => match Refusing::enter(&REFUSING) {
                             Some(r) => {

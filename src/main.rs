@@ -115,13 +115,10 @@ fn real_main() -> anyhow::Result<u8> {
     init_tracing(config.log_format, "info");
     let args = cli.proxy.clone();
     let reloader: rds_iam_proxy::app::Reloader = Box::new(move || load_config(&args, &given, &env));
-    // One worker per CPU by default: more threads than cores only add
-    // handoffs between them.
-    let mut builder = tokio::runtime::Builder::new_multi_thread();
-    if let Some(n) = cli.proxy.worker_threads {
-        builder.worker_threads(n.get());
-    }
-    let runtime = builder
+    // The main thread accepts, serves the admin listener and handles
+    // signals; sessions run on the session workers (`--worker-threads`,
+    // src/workers.rs), so this needs no thread pool of its own.
+    let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;

@@ -16,6 +16,35 @@ pub enum Socket {
     Unix(UnixStream),
 }
 
+/// An accepted socket detached from any event loop, to be moved to
+/// another (see [`crate::workers`]).
+#[derive(Debug)]
+pub enum StdSocket {
+    Tcp(std::net::TcpStream),
+    Unix(std::os::unix::net::UnixStream),
+}
+
+impl Socket {
+    /// Detaches the socket from the event loop it was accepted on; it
+    /// stays non-blocking.
+    pub fn into_std(self) -> io::Result<StdSocket> {
+        Ok(match self {
+            Socket::Tcp(s) => StdSocket::Tcp(s.into_std()?),
+            Socket::Unix(s) => StdSocket::Unix(s.into_std()?),
+        })
+    }
+}
+
+impl StdSocket {
+    /// Registers the socket with the event loop of the calling task.
+    pub fn into_tokio(self) -> io::Result<Socket> {
+        Ok(match self {
+            StdSocket::Tcp(s) => Socket::Tcp(TcpStream::from_std(s)?),
+            StdSocket::Unix(s) => Socket::Unix(UnixStream::from_std(s)?),
+        })
+    }
+}
+
 /// A client connection, before or after the TLS upgrade.
 #[derive(Debug)]
 pub enum ClientStream {
