@@ -12,16 +12,9 @@
 set -euo pipefail
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$REPO"
-LOGS="$(mktemp -d /tmp/rdsiam-audit-bench-XXXXXX)"
-trap 'rm -rf "$LOGS"' EXIT
 echo "load before: $(cut -d' ' -f1-3 /proc/loadavg)"
-DURATION="${DURATION:-15}" ROUNDS="${ROUNDS:-3}" benches/pgbench.sh \
+DURATION="${DURATION:-15}" ROUNDS="${ROUNDS:-3}" exec benches/pgbench.sh \
     --scenarios select8 prepared8 bulk4 \
-    --targets direct proxy \
+    --targets direct proxy proxy-audit-async proxy-audit-sync \
     --variant "proxy-noguard=--allow-password-changes" \
-    --variant "proxy-async=--audit-mode async --audit-dir $LOGS/async" \
-    --variant "proxy-sync=--audit-mode sync --audit-dir $LOGS/sync" \
     "$@"
-for d in "$LOGS"/async "$LOGS"/sync; do
-    echo "$(basename "$d"): $(cat "$d"/*.jsonl | wc -l) records, $(du -sh "$d" | cut -f1); $(target/release/rds-iam-proxy audit verify "$d")"
-done

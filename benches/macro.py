@@ -1,5 +1,6 @@
-"""pgbench side by side: direct TLS to PostgreSQL, through rds-iam-proxy, and
-through pgbouncer, on the local test bed, TLS on every hop.
+"""pgbench side by side: direct TLS to PostgreSQL, through a bare TCP relay
+(the floor any proxy pays), through rds-iam-proxy (audit off, async and
+sync), and through pgbouncer, on the local test bed, TLS on every hop.
 
 Run through benches/pgbench.sh. Each scenario runs as interleaved rounds
 (direct, proxy, pgbouncer, ...) in one invocation; the table reports medians,
@@ -8,9 +9,16 @@ transaction, read from /proc/PID/stat around each run: on a two-core machine
 pgbench and PostgreSQL already fill the cores, so that CPU time is what
 decides the ratio and is steadier than TPS.
 
+Targets: direct; relay (benches/floor/tcp_relay.rs: copies bytes between two TCP
+connections and nothing else, the client's TLS passes through to
+PostgreSQL, so its CPU per transaction is the kernel and runtime cost of
+the two extra loopback hops); proxy (defaults: password guard on, audit
+off); proxy-audit-async and proxy-audit-sync (--audit-mode, records into
+the run's directory); pgbouncer.
+
 Environment: DURATION (seconds per run, default 15), ROUNDS (default 3),
-SCENARIOS (space-separated subset), TARGETS (subset of direct proxy
-pgbouncer, plus any extra proxy variants added with --variant NAME=ARGS).
+SCENARIOS (space-separated subset), TARGETS (subset of the targets above,
+plus any extra proxy variants added with --variant NAME=ARGS).
 """
 
 import argparse
@@ -29,6 +37,8 @@ import urllib.request
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 PROXY = REPO / "target" / "release" / "rds-iam-proxy"
+RELAY = REPO / "target" / "release" / "examples" / "tcp-relay"
+TARGETS = ["direct", "relay", "proxy", "proxy-audit-async", "proxy-audit-sync", "pgbouncer"]
 USER = "bench"
 TICK = os.sysconf("SC_CLK_TCK")
 
@@ -128,6 +138,14 @@ class Bench:
         return proc, {"PGHOST": "127.0.0.1", "PGPORT": str(port), "PGSSLMODE": "verify-full",
                       "PGSSLROOTCERT": str(self.work / "proxy-ca" / "ca.crt")}
 
+    def start_relay(self):
+        log = self.work / "relay.log"
+        proc = subprocess.Popen([str(RELAY), "127.0.0.1:0", f"127.0.0.1:{self.info['pg_port']}"],
+                                stdout=subprocess.DEVNULL, stderr=open(log, "w"))
+        self.procs.append(proc)
+        wait_for(log, "listening on", proc, "relay")
+        return proc.pid, log.read_text().split("listening on ")[1].split()[0].rsplit(":", 1)[1]
+
     def start_pgbouncer(self, token):
         if shutil.which("pgbouncer") is None and not pathlib.Path("/usr/sbin/pgbouncer").exists():
             sys.exit("pgbouncer is not installed (apt-get install pgbouncer)")
@@ -186,13 +204,19 @@ class Bench:
         os.chmod(self.work / "bulk.sql", 0o644)
 
         targets = {"direct": (None, direct)}
-        for name, extra in [("proxy", [])] + a.variant:
-            if name in a.targets or name.startswith("proxy"):
+        if "relay" in a.targets:
+            pid, port = self.start_relay()
+            targets["relay"] = (pid, {**direct, "PGPORT": port})
+        audit = [(f"proxy-audit-{m}", ["--audit-mode", m, "--audit-dir", str(self.work / f"audit-{m}")])
+                 for m in ("async", "sync")]
+        for name, extra in [("proxy", [])] + audit + a.variant:
+            if name in a.targets:
                 proc, penv = self.start_proxy(name, extra)
                 targets[name] = (proc.pid, penv)
         if "pgbouncer" in a.targets:
             targets["pgbouncer"] = self.start_pgbouncer(token)
-        targets = {k: v for k, v in targets.items() if k in a.targets or k == "direct"}
+        # Table order: as asked for, direct first.
+        targets = {k: targets[k] for k in ["direct"] + a.targets if k in targets}
 
         results = {}
         for rnd in range(a.rounds):
@@ -201,8 +225,10 @@ class Bench:
                 args = [str(self.work / "bulk.sql") if x == "@BULK@" else x for x in args]
                 for name, (pid, tenv) in targets.items():
                     tenv = dict(tenv)
-                    if name == "direct" or name == "pgbouncer":
-                        tenv["PGPASSWORD"] = self.token() if name == "direct" else ""
+                    if name in ("direct", "relay"):
+                        tenv["PGPASSWORD"] = self.token()  # a fresh IAM token for each run
+                    elif name == "pgbouncer":
+                        tenv["PGPASSWORD"] = ""
                     before = cpu_seconds(pid) if pid else 0
                     tps, lat, txns = self.pgbench(tenv, args, a.duration)
                     cpu = (cpu_seconds(pid) - before) if pid else None
@@ -210,6 +236,12 @@ class Bench:
                     print(f"  round {rnd + 1} {sc:9} {name:10} tps {tps:9.1f}  lat {lat:7.3f} ms"
                           + (f"  cpu {cpu / txns * 1e6:7.1f} us/txn" if cpu is not None else ""), flush=True)
         self.report(results, targets)
+        for name in targets:
+            if name.startswith("proxy-audit-"):
+                d = self.work / f"audit-{name.rsplit('-', 1)[1]}"
+                records = sum(1 for f in d.glob("*.jsonl") for _ in f.open())
+                verify = subprocess.run([str(PROXY), "audit", "verify", str(d)], capture_output=True, text=True)
+                print(f"{name}: {records} records; audit verify: {(verify.stdout + verify.stderr).strip()}")
 
     def report(self, results, targets):
         print(f"\nload after: {load()}\n")
@@ -269,11 +301,14 @@ def main():
     ap.add_argument("--scale", type=int, default=10)
     ap.add_argument("--scenarios", nargs="+", default=os.environ.get("SCENARIOS", " ".join(SCENARIOS)).split(),
                     choices=list(SCENARIOS))
-    ap.add_argument("--targets", nargs="+", default=os.environ.get("TARGETS", "direct proxy pgbouncer").split())
+    ap.add_argument("--targets", nargs="+", default=os.environ.get("TARGETS", " ".join(TARGETS)).split())
     ap.add_argument("--variant", action="append", default=[], type=lambda s: (s.split("=", 1)[0], s.split("=", 1)[1].split()),
                     help="an extra proxy target NAME='--flag value ...' (e.g. proxy-audit-sync='--audit-mode sync ...')")
     args = ap.parse_args()
-    args.targets += [name for name, _ in args.variant]
+    args.targets = [t for t in args.targets if t != "direct"] + [name for name, _ in args.variant]
+    unknown = set(args.targets) - set(TARGETS) - {name for name, _ in args.variant}
+    if unknown:
+        ap.error(f"unknown targets {sorted(unknown)}; known: {TARGETS}")
     b = Bench(args)
     try:
         b.run()

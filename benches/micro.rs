@@ -7,7 +7,10 @@ use std::time::{Duration, SystemTime};
 use aws_credential_types::Credentials;
 use bytes::BytesMut;
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
+use rds_iam_proxy::audit::{Auditor, SessionTap, redact};
+use rds_iam_proxy::gate::{SERVER_PREFIX, server_wanted};
 use rds_iam_proxy::pg::frame::{MAX_CLIENT_MESSAGE, Scanner, write_message};
+use rds_iam_proxy::pg::messages::{self, Capture};
 use rds_iam_proxy::pg::startup::{self, ProtocolVersion};
 use rds_iam_proxy::token::{TokenTarget, sign_at};
 
@@ -44,6 +47,87 @@ fn frame_scanning(c: &mut Criterion) {
         });
     }
     g.finish();
+}
+
+/// What the server answers to `pgbench -S` (RowDescription, one DataRow,
+/// CommandComplete, ReadyForQuery), `transactions` times.
+fn select_result_stream(transactions: usize) -> Vec<u8> {
+    let mut out = BytesMut::new();
+    for i in 0..transactions {
+        write_message(&mut out, b'T', |b| {
+            b.extend_from_slice(
+                b"\0\x01abalance\0\0\0\x40\x06\0\x03\0\0\0\x17\0\x04\xff\xff\xff\xff\0\0",
+            );
+        });
+        write_message(&mut out, b'D', |b| {
+            b.extend_from_slice(b"\0\x01\0\0\0\x05");
+            b.extend_from_slice(format!("{:05}", i % 100_000).as_bytes());
+        });
+        write_message(&mut out, b'C', |b| b.extend_from_slice(b"SELECT 1\0"));
+        write_message(&mut out, b'Z', |b| b.extend_from_slice(b"I"));
+    }
+    out.to_vec()
+}
+
+/// The upstream -> client direction as the audit follows it: message
+/// boundaries, and the first bytes of tags, errors and ReadyForQuery.
+fn server_scanning(c: &mut Criterion) {
+    let stream = select_result_stream(10_000);
+    let mut g = c.benchmark_group("scan upstream->client (audit capture)");
+    g.throughput(Throughput::Bytes(stream.len() as u64));
+    for chunk in [16 * 1024, 1500] {
+        g.bench_function(format!("select results, {chunk}-byte reads"), |b| {
+            b.iter(|| {
+                let mut capture = Capture::new(u32::MAX, SERVER_PREFIX);
+                let mut n = 0u32;
+                for piece in stream.chunks(chunk) {
+                    capture
+                        .feed(black_box(piece), server_wanted, |_, _| n += 1)
+                        .unwrap();
+                }
+                // CommandComplete and ReadyForQuery of each transaction.
+                assert_eq!(n, 20_000);
+                n
+            })
+        });
+    }
+    g.finish();
+}
+
+/// The per-statement work of the default configuration (password guard
+/// on, audit off), and the rare statement that needs PostgreSQL's parser.
+fn statement_inspection(c: &mut Criterion) {
+    let mut tap = SessionTap::new(1, std::sync::Arc::new(Auditor::off(true)));
+    let mut inject = Vec::new();
+    let mut g = c.benchmark_group("inspect statement (guard on, audit off)");
+    for (name, sql) in [
+        (
+            "pgbench select",
+            "SELECT abalance FROM pgbench_accounts WHERE aid = 48213;",
+        ),
+        (
+            "2 KB report query",
+            &*format!("select {} from orders where id = 1", "amount, ".repeat(250)),
+        ),
+        (
+            "password change",
+            "ALTER USER alice PASSWORD 'SCRAM-SHA-256$4096:c2FsdA==$a:b'",
+        ),
+    ] {
+        let mut q = Vec::new();
+        messages::write_query(&mut q, sql);
+        g.bench_function(name, |b| {
+            b.iter(|| tap.client_message(b'Q', black_box(&q[5..]), true, &mut inject))
+        });
+    }
+    g.finish();
+    c.bench_function("redact a statement that sets a password", |b| {
+        b.iter(|| {
+            redact::redact(black_box(
+                b"ALTER USER alice PASSWORD 'SCRAM-SHA-256$4096:c2FsdA==$a:b' VALID UNTIL '2030-01-01'",
+            ))
+        })
+    });
 }
 
 fn token_signing(c: &mut Criterion) {
@@ -86,5 +170,12 @@ fn startup_parse(c: &mut Criterion) {
     });
 }
 
-criterion_group!(benches, frame_scanning, token_signing, startup_parse);
+criterion_group!(
+    benches,
+    frame_scanning,
+    server_scanning,
+    statement_inspection,
+    token_signing,
+    startup_parse
+);
 criterion_main!(benches);

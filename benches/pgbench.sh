@@ -13,5 +13,5 @@ if ! command -v pgbouncer >/dev/null && [[ ! -x /usr/sbin/pgbouncer ]]; then
     apt-get update -qq
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends pgbouncer >/dev/null
 fi
-cargo build --release --locked --quiet
+cargo build --release --locked --quiet --bin rds-iam-proxy --example tcp-relay
 exec .venv/bin/python benches/macro.py "$@"
