@@ -38,7 +38,7 @@ pub const HOLD_LIMIT: usize = 16 * 1024 * 1024;
 /// Bytes of a Bind or FunctionCall body the tap sees.
 const PREFIX: usize = 8 * 1024;
 /// Bytes of a server message body the tap sees (error messages, tags).
-const SERVER_PREFIX: usize = 1024;
+pub const SERVER_PREFIX: usize = 1024;
 
 struct Gate {
     buf: Vec<u8>,
@@ -363,7 +363,9 @@ where
     crate::forward::finish(traffic, result, up.terminated, up.done)
 }
 
-fn server_wanted(tag: u8) -> Option<usize> {
+/// Which server messages the audit reads, and how much of each: the ones
+/// that end a statement or a transaction (tags, errors, ReadyForQuery).
+pub fn server_wanted(tag: u8) -> Option<usize> {
     match tag {
         b'C' | b'E' | b'Z' | b'I' | b'V' | b's' => Some(SERVER_PREFIX),
         _ => None,
