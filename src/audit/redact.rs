@@ -50,7 +50,14 @@ pub fn is_password_change(text: &[u8]) -> bool {
 /// the parser rejects (the server then runs none of it).
 pub fn split(text: &[u8], out: &mut Vec<(usize, usize)>) {
     out.clear();
-    if !text.contains(&b';') {
+    // Most statements end with a semicolon and have none before it
+    // (pgbench, most drivers): one statement, no parser needed (it costs
+    // about 10,000 instructions a statement).
+    let body = text
+        .iter()
+        .rposition(|b| !matches!(b, b';' | b' ' | b'\t' | b'\n' | b'\r'))
+        .map_or(&text[..0], |end| &text[..=end]);
+    if !body.contains(&b';') {
         return;
     }
     let Ok(sql) = std::str::from_utf8(text) else {
@@ -222,5 +229,15 @@ mod tests {
         assert!(out.is_empty());
         split(b"select 1; nonsense here", &mut out);
         assert!(out.is_empty());
+        // Trailing semicolons and white space end one statement.
+        split(b"SELECT abalance FROM t WHERE aid = 1; ;\n", &mut out);
+        assert!(out.is_empty());
+        split(b";;", &mut out);
+        assert!(out.is_empty());
+        // A semicolon before the end still goes to the parser.
+        let text = b"select 1;\n;select 2;\n";
+        split(text, &mut out);
+        let parts: Vec<&[u8]> = out.iter().map(|&(a, b)| &text[a..b]).collect();
+        assert_eq!(parts, [&b"select 1"[..], b"select 2"]);
     }
 }
