@@ -19,7 +19,7 @@ use sha2::{Digest, Sha256};
 use tokio::sync::oneshot;
 use tracing::{error, info, warn};
 
-use super::event::{Event, Obj, OutcomeKind, Protocol, SCHEMA_VERSION, hex, json_str};
+use super::event::{Event, Obj, OutcomeKind, Protocol, SCHEMA_VERSION, hex, json_str, push_hex};
 use super::redact;
 
 /// Where and how the log is written.
@@ -289,9 +289,10 @@ impl Writer {
         let seq = self.head.seq + 1;
         self.line.clear();
         self.line.extend_from_slice(b"{\"seq\":");
-        self.line.extend_from_slice(seq.to_string().as_bytes());
+        // Written in place: no allocation per record.
+        let _ = write!(self.line, "{seq}");
         self.line.extend_from_slice(b",\"prev\":\"");
-        self.line.extend_from_slice(hex(&self.head.hash).as_bytes());
+        push_hex(&mut self.line, &self.head.hash);
         self.line.push(b'"');
         {
             let mut o = Obj::continue_in(&mut self.line);
