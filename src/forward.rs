@@ -1,6 +1,7 @@
 //! Forwarding after login: both directions in one task, each through a
-//! fixed buffer (no allocation per message), with backpressure (a side is
-//! read only when its previous bytes were written) and half-close.
+//! reused buffer (4 KiB, 16 KiB once a read fills it; no allocation per
+//! message), with backpressure (a side is read only when its previous
+//! bytes were written) and half-close.
 //!
 //! Client -> upstream bytes pass through a [`Scanner`] that follows message
 //! boundaries, so a malformed stream is stopped and each message can be
@@ -16,8 +17,14 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 use crate::pg::frame::{FrameError, MAX_CLIENT_MESSAGE, Scanner};
 
-/// Per-direction buffer: one full TLS record.
-const BUF_SIZE: usize = 16 * 1024;
+/// Per-direction buffer once a session moves bulk data: one full TLS
+/// record.
+pub(crate) const BUF_SIZE: usize = 16 * 1024;
+/// Per-direction buffer to start with: enough for the requests and
+/// answers of ordinary statements, so an idle session holds 4 KiB per
+/// direction instead of 16 (memory per idle session is a target). A read
+/// that fills it grows it to [`BUF_SIZE`] for the rest of the session.
+pub(crate) const START_BUF_SIZE: usize = 4 * 1024;
 
 /// Which side of the proxy.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -80,7 +87,9 @@ pub struct Traffic {
 }
 
 pub(crate) struct Pipe {
-    buf: Box<[u8]>,
+    buf: Vec<u8>,
+    /// The last read filled the buffer: grow it before the next.
+    filled: bool,
     pos: usize,
     end: usize,
     eof: bool,
@@ -92,7 +101,8 @@ pub(crate) struct Pipe {
 impl Pipe {
     pub(crate) fn new() -> Self {
         Self {
-            buf: vec![0; BUF_SIZE].into_boxed_slice(),
+            buf: vec![0; START_BUF_SIZE],
+            filled: false,
             pos: 0,
             end: 0,
             eof: false,
@@ -124,10 +134,14 @@ impl Pipe {
         let werr = |source| ForwardError::Io { side: to, source };
         loop {
             if self.pos == self.end && !self.eof {
+                if self.filled && self.buf.len() < BUF_SIZE {
+                    self.buf.resize(BUF_SIZE, 0);
+                }
                 let mut rb = ReadBuf::new(&mut self.buf);
                 match r.as_mut().poll_read(cx, &mut rb) {
                     Poll::Ready(Ok(())) => {
                         let n = rb.filled().len();
+                        self.filled = n == self.buf.len();
                         if n == 0 {
                             self.eof = true;
                         } else {
@@ -252,6 +266,43 @@ mod tests {
         let mut out = bytes::BytesMut::new();
         crate::pg::frame::write_message(&mut out, tag, |b| b.extend_from_slice(body));
         out.to_vec()
+    }
+
+    /// Pumps everything `from` holds into a sink until `from` ends.
+    async fn pump_all(pipe: &mut Pipe, from: &mut tokio::io::DuplexStream) -> Vec<u8> {
+        let mut sink = Vec::new();
+        poll_fn(|cx| {
+            pipe.poll_pump(
+                cx,
+                Pin::new(&mut *from),
+                Pin::new(&mut sink),
+                Side::Upstream,
+                |_| Ok(()),
+            )
+        })
+        .await
+        .unwrap();
+        sink
+    }
+
+    /// Small traffic keeps the small buffer; a read that fills it grows it
+    /// to one TLS record, and every byte still arrives in order.
+    #[tokio::test]
+    async fn buffer_grows_only_for_bulk() {
+        let (mut far, mut near) = tokio::io::duplex(64 * 1024);
+        far.write_all(b"hello").await.unwrap();
+        drop(far);
+        let mut pipe = Pipe::new();
+        assert_eq!(pump_all(&mut pipe, &mut near).await, b"hello");
+        assert_eq!(pipe.buf.len(), START_BUF_SIZE);
+
+        let bulk: Vec<u8> = (0..40_000u32).map(|i| (i % 251) as u8).collect();
+        let (mut far, mut near) = tokio::io::duplex(64 * 1024);
+        far.write_all(&bulk).await.unwrap();
+        drop(far);
+        let mut pipe = Pipe::new();
+        assert!(pump_all(&mut pipe, &mut near).await == bulk);
+        assert_eq!(pipe.buf.len(), BUF_SIZE);
     }
 
     #[tokio::test]

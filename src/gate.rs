@@ -13,8 +13,9 @@
 //!   [`PREFIX`] bytes; the rest streams.
 //! - Everything else (CopyData, ...) streams untouched.
 //!
-//! The buffer is reused; it grows only for a Query or Parse longer than
-//! 16 KiB and shrinks back after. All state lives in [`Gate`], so the
+//! The buffer is reused. It starts at 4 KiB, grows to 16 KiB the first
+//! time a read fills it, grows further only for a Query or Parse longer
+//! than that and shrinks back after. All state lives in [`Gate`], so the
 //! future is cancel-safe in the same sense as `forward`.
 
 use std::future::poll_fn;
@@ -31,8 +32,7 @@ use crate::forward::{Ending, ForwardError, Pipe, Side, Traffic};
 use crate::pg::frame::{HEADER_LEN, MAX_CLIENT_MESSAGE, parse_header};
 use crate::pg::messages::{self, Capture};
 
-/// Buffer for ordinary traffic: one full TLS record.
-const BUF_SIZE: usize = 16 * 1024;
+use crate::forward::{BUF_SIZE, START_BUF_SIZE};
 /// Longest Query or Parse the gate holds; longer ones are refused.
 pub const HOLD_LIMIT: usize = 16 * 1024 * 1024;
 /// Bytes of a Bind or FunctionCall body the tap sees.
@@ -65,7 +65,7 @@ struct Gate {
 impl Gate {
     fn new() -> Self {
         Self {
-            buf: vec![0; BUF_SIZE],
+            buf: vec![0; START_BUF_SIZE],
             start: 0,
             end: 0,
             cleared: 0,
@@ -288,6 +288,11 @@ impl Gate {
                 self.buf.truncate(BUF_SIZE);
                 self.buf.shrink_to(BUF_SIZE);
             }
+        }
+        // A read filled the small starting buffer: this session sends
+        // more than ordinary statements (COPY FROM, long batches).
+        if self.end == self.buf.len() && self.buf.len() < BUF_SIZE {
+            self.buf.resize(BUF_SIZE, 0);
         }
         if self.end < self.buf.len() && self.start + need <= self.buf.len() {
             return;
