@@ -79,9 +79,9 @@ impl Listener {
                             // Counted from now, so a shutdown waits for
                             // it even before its worker first runs it.
                             let tracked = app.tasks.token();
-                            let (app, ep) = (app.clone(), ep.clone());
-                            app.clone().workers.spawn(socket, move |socket| async move {
-                                conn::serve(app, ep, socket, peer, slot).await;
+                            let (session_app, ep) = (app.clone(), ep.clone());
+                            app.workers.spawn(socket, move |socket| async move {
+                                conn::serve(session_app, ep, socket, peer, slot).await;
                                 drop(tracked);
                             });
                         }
