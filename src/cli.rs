@@ -325,9 +325,10 @@ pub struct ProxyArgs {
     /// Threads that carry client sessions, each with its own event loop
     /// [default: half the CPUs, at least one]; the main thread only
     /// accepts, answers the admin listener and handles signals. One worker
-    /// carries tens of thousands of round trips a second; raise this when
-    /// the proxy keeps a whole core busy. Command line and environment
-    /// only, read once at start-up.
+    /// is one core's worth: about 25,000 round trips a second at the 37-43
+    /// us of CPU each measured in docs/PERFORMANCE.md; raise this when the
+    /// proxy keeps a whole core busy. Command line and environment only,
+    /// read once at start-up.
     #[arg(long, env = "RDS_IAM_PROXY_WORKER_THREADS", value_name = "N")]
     pub worker_threads: Option<std::num::NonZeroUsize>,
 }
