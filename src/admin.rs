@@ -100,11 +100,9 @@ async fn exchange(mut sock: TcpStream, app: &AppContext, eps: &[Arc<EndpointCont
                     .set_audit_queue_depth(audit.queue_depth.load(Relaxed));
                 app.metrics.set_audit_dropped(audit.dropped.load(Relaxed));
             }
-            (
-                200,
-                "text/plain; version=0.0.4; charset=utf-8",
-                app.metrics.render(),
-            )
+            let mut page = app.metrics.render();
+            crate::metrics::Metrics::render_worker_sessions(&mut page, &app.workers.sessions());
+            (200, "text/plain; version=0.0.4; charset=utf-8", page)
         }
         _ => (
             404,

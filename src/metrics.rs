@@ -144,6 +144,19 @@ impl Metrics {
     }
 
     /// The Prometheus text exposition.
+    /// Appends the sessions on each session worker: how evenly the
+    /// `--worker-threads` share the load.
+    pub fn render_worker_sessions(s: &mut String, sessions: &[usize]) {
+        let name = "rds_iam_proxy_worker_sessions";
+        let _ = writeln!(
+            s,
+            "# HELP {name} Sessions on each session worker thread now.\n# TYPE {name} gauge"
+        );
+        for (i, n) in sessions.iter().enumerate() {
+            let _ = writeln!(s, "{name}{{worker=\"{i}\"}} {n}");
+        }
+    }
+
     pub fn render(&self) -> String {
         let mut s = String::with_capacity(4096);
         let p = "rds_iam_proxy";

@@ -255,6 +255,7 @@ async fn health_endpoints_and_metrics_follow_what_happens() {
     let proxy = Proxy::builder(bed, &home)
         .arg("--admin-listen", "127.0.0.1:0")
         .arg("--max-connections", "1")
+        .arg("--worker-threads", "2")
         .start();
     let admin = admin_addr(&proxy);
     assert_eq!(http_get(admin, "/startup").0, 200);
@@ -297,6 +298,15 @@ async fn health_endpoints_and_metrics_follow_what_happens() {
     assert!(body.contains("connection limit"), "{body}");
     let page = http_get(admin, "/metrics").1;
     assert_eq!(metric(&page, "rds_iam_proxy_active_connections"), 1.0);
+    // The session sits on the first of the two workers.
+    assert!(
+        page.contains("rds_iam_proxy_worker_sessions{worker=\"1\"} 0\n"),
+        "{page}"
+    );
+    assert_eq!(
+        metric(&page, "rds_iam_proxy_worker_sessions{worker=\"0\"}"),
+        1.0
+    );
     assert_eq!(
         metric(
             &page,
@@ -316,7 +326,10 @@ async fn health_endpoints_and_metrics_follow_what_happens() {
     // The session's end frees the slot and adds its bytes.
     let page = eventually("the slot is freed", || {
         let page = http_get(admin, "/metrics").1;
-        (metric(&page, "rds_iam_proxy_active_connections") == 0.0).then_some(page)
+        // The worker's count drops just after the connection slot.
+        (metric(&page, "rds_iam_proxy_active_connections") == 0.0
+            && page.contains("rds_iam_proxy_worker_sessions{worker=\"0\"} 0\n"))
+        .then_some(page)
     });
     assert!(metric(&page, "rds_iam_proxy_upstream_to_client_bytes_total") > 100_000.0);
     assert!(metric(&page, "rds_iam_proxy_client_to_upstream_bytes_total") > 20.0);
