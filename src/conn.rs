@@ -91,15 +91,20 @@ async fn negotiate(
     id: u64,
 ) -> Option<(ClientStream, ClientRequest)> {
     let negotiate = handshake::negotiate(socket, &live.server_tls, peer.plaintext_ok);
+    tokio::pin!(negotiate);
     let who = (id, peer, None);
-    match tokio::time::timeout(config.handshake_timeout, negotiate).await {
-        Ok(Ok(Negotiated { stream, request })) => Some((stream, request)),
-        Ok(Err(failed)) => {
-            let e = ConnError::Handshake(failed.error);
-            refuse(ctx, ep, who, failed.stream, e).await;
-            None
-        }
-        Err(_) => {
+    tokio::select! {
+        r = &mut negotiate => match r {
+            Ok(Negotiated { stream, request }) => Some((stream, request)),
+            Err(failed) => {
+                let e = ConnError::Handshake(failed.error);
+                refuse(ctx, ep, who, failed.stream, e).await;
+                None
+            }
+        },
+        _ = tokio::time::sleep(config.handshake_timeout) => {
+            // The socket lives in `negotiate` until this returns: counted
+            // and logged before the client sees the close.
             let e = ConnError::HandshakeTimeout(config.handshake_timeout);
             refuse(ctx, ep, who, None, e).await;
             None
