@@ -127,7 +127,7 @@ class Bench:
         i = self.info
         log = self.work / f"{name}.log"
         proc = subprocess.Popen(
-            [str(PROXY), "--upstream", f"{i['endpoint_host']}:5432", "--connect-to", f"127.0.0.1:{i['pg_port']}",
+            [str(self.args.binary.get(name, PROXY)), "--upstream", f"{i['endpoint_host']}:5432", "--connect-to", f"127.0.0.1:{i['pg_port']}",
              "--upstream-ca", i["ca_cert"], "--listen", "127.0.0.1:0", "--state-dir", str(self.work / "proxy-ca"),
              *extra],
             env={**self.aws_env(), "RDS_IAM_PROXY_LOG": "warn,rds_iam_proxy::app=info"},
@@ -304,11 +304,20 @@ def main():
     ap.add_argument("--targets", nargs="+", default=os.environ.get("TARGETS", " ".join(TARGETS)).split())
     ap.add_argument("--variant", action="append", default=[], type=lambda s: (s.split("=", 1)[0], s.split("=", 1)[1].split()),
                     help="an extra proxy target NAME='--flag value ...' (e.g. proxy-audit-sync='--audit-mode sync ...')")
+    ap.add_argument("--binary", action="append", default=[], type=lambda s: tuple(s.split("=", 1)),
+                    help="run a proxy target from another build NAME=PATH (e.g. --variant old='' "
+                         "--binary old=/tmp/rds-iam-proxy-before, to compare two builds in one run)")
     args = ap.parse_args()
+    args.binary = dict(args.binary)
     args.targets = [t for t in args.targets if t != "direct"] + [name for name, _ in args.variant]
     unknown = set(args.targets) - set(TARGETS) - {name for name, _ in args.variant}
     if unknown:
         ap.error(f"unknown targets {sorted(unknown)}; known: {TARGETS}")
+    for name, path in args.binary.items():
+        if not name.startswith("proxy") and name not in {n for n, _ in args.variant}:
+            ap.error(f"--binary {name}=...: {name} is not a proxy target or a --variant")
+        if not os.access(path, os.X_OK):
+            ap.error(f"--binary {name}={path}: not an executable file")
     b = Bench(args)
     try:
         b.run()
