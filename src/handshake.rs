@@ -92,7 +92,7 @@ pub async fn negotiate(
     let mut stream = if direct_tls {
         let tls_stream = accept_tls(socket, tls).await?;
         let alpn_ok = tls_stream.get_ref().1.alpn_protocol() == Some(ALPN_POSTGRESQL);
-        let stream = ClientStream::Tls(Box::new(tls_stream));
+        let stream = ClientStream::tls(tls_stream);
         if !alpn_ok {
             return Err(fail(Some(stream), HandshakeError::DirectTlsWithoutAlpn));
         }
@@ -114,7 +114,7 @@ pub async fn negotiate(
                 if let Err(e) = socket.write_all(b"S").await {
                     return Err(fail(None, e.into()));
                 }
-                stream = ClientStream::Tls(Box::new(accept_tls(socket, tls).await?));
+                stream = ClientStream::tls(accept_tls(socket, tls).await?);
             }
             InitialPacket::GssEncRequest => {
                 if stream.is_tls() {

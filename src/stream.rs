@@ -49,7 +49,65 @@ impl StdSocket {
 #[derive(Debug)]
 pub enum ClientStream {
     Plain(Socket),
-    Tls(Box<TlsStream<Socket>>),
+    Tls(Box<TlsClient>),
+}
+
+impl ClientStream {
+    /// A client that finished its TLS handshake.
+    pub fn tls(stream: TlsStream<Socket>) -> Self {
+        ClientStream::Tls(Box::new(TlsClient(stream)))
+    }
+}
+
+/// A TLS client connection that always ends with TLS close_notify.
+///
+/// However a connection ends (a session's end, a refusal, a cancel
+/// request answered, a timeout, an error on either side), a TLS client
+/// must see close_notify before the TCP close, as PostgreSQL sends it:
+/// OpenSSL 3 reports a bare close as "unexpected eof while reading", and
+/// libpq 17+ reports a cancel whose connection ended that way as failed.
+/// An orderly `shutdown()` sends it on the way; dropping the stream sends
+/// it too, so no path can forget (the alert is 24 bytes: a non-blocking
+/// send to an idle socket takes it; a socket whose buffer is full gets
+/// none, as its peer is not reading anyway).
+#[derive(Debug)]
+pub struct TlsClient(TlsStream<Socket>);
+
+impl TlsClient {
+    pub fn get_ref(&self) -> (&Socket, &rustls::ServerConnection) {
+        self.0.get_ref()
+    }
+}
+
+impl Drop for TlsClient {
+    fn drop(&mut self) {
+        let (socket, conn) = self.0.get_mut();
+        conn.send_close_notify();
+        let mut out = RawSend(socket);
+        while conn.wants_write() {
+            match conn.write_tls(&mut out) {
+                Ok(n) if n > 0 => {}
+                _ => break,
+            }
+        }
+    }
+}
+
+/// Writes straight to the socket with one non-blocking send(2): usable in
+/// `Drop`, where nothing can wait for readiness.
+struct RawSend<'a>(&'a Socket);
+
+impl io::Write for RawSend<'_> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let sock = match self.0 {
+            Socket::Tcp(s) => socket2::SockRef::from(s),
+            Socket::Unix(s) => socket2::SockRef::from(s),
+        };
+        sock.send(buf)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
 }
 
 impl ClientStream {
@@ -125,7 +183,7 @@ macro_rules! delegate_client {
                 $e
             }
             ClientStream::Tls($s) => {
-                let $s = Pin::new($s.as_mut());
+                let $s = Pin::new(&mut $s.0);
                 $e
             }
         }

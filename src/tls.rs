@@ -12,6 +12,20 @@ use thiserror::Error;
 /// The ALPN protocol name of PostgreSQL (required for direct TLS).
 pub const ALPN_POSTGRESQL: &[u8] = b"postgresql";
 
+/// Most plaintext in one TLS record sent to a client: 8 KiB, what
+/// PostgreSQL itself sends (its send buffer is 8 KiB, one SSL_write each).
+///
+/// Clients depend on it. libpq keeps at least 8 KiB free before it reads
+/// and reads once per PQconsumeInput; a 16 KiB record (the TLS maximum,
+/// rustls' default) is then only partly taken, the rest stays decrypted
+/// inside OpenSSL where no poll(2) can see it, and a client that waits on
+/// the socket (psycopg, sync and async; any event-loop driver) waits for
+/// good although every byte has arrived.
+pub const CLIENT_RECORD_PLAINTEXT: usize = 8192;
+
+/// rustls counts the 5-byte record header in its fragment size.
+const TLS_RECORD_HEADER: usize = 5;
+
 /// The Amazon RDS global CA bundle, embedded (see `certs/README.md`).
 pub const RDS_CA_BUNDLE: &[u8] = include_bytes!("../certs/rds-global-bundle.pem");
 
@@ -80,6 +94,7 @@ pub fn server_config(cert: &Path, key: &Path) -> Result<Arc<ServerConfig>, TlsSe
         .with_no_client_auth()
         .with_single_cert(chain, key)?;
     config.alpn_protocols = vec![ALPN_POSTGRESQL.to_vec()];
+    config.max_fragment_size = Some(CLIENT_RECORD_PLAINTEXT + TLS_RECORD_HEADER);
     Ok(Arc::new(config))
 }
 
@@ -118,6 +133,7 @@ pub fn client_config(ca: &UpstreamCa) -> Result<Arc<ClientConfig>, TlsSetupError
         .with_root_certificates(roots)
         .with_no_client_auth();
     config.alpn_protocols = vec![ALPN_POSTGRESQL.to_vec()];
+    config.max_fragment_size = Some(CLIENT_RECORD_PLAINTEXT + TLS_RECORD_HEADER);
     Ok(Arc::new(config))
 }
 
