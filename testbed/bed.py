@@ -476,7 +476,10 @@ class IdentityCenter:
         suffix = hashlib.sha256(f"{ACCOUNT_ID}/{permission_set}".encode()).hexdigest()[:16]
         return f"AWSReservedSSO_{permission_set}_{suffix}"
 
-    def mint(self, user, permission_set):
+    def mint(self, user, permission_set, credentials_ttl=None):
+        """Role credentials from moto; `credentials_ttl` (seconds) makes the
+        reported expiration that much from now, so that a client has to come
+        back for new ones soon (moto's own minimum is 900 s)."""
         with self.lock:
             resp = self.sts.assume_role(
                 RoleArn=f"arn:aws:iam::{ACCOUNT_ID}:role/{self.role_name(permission_set)}",
@@ -485,16 +488,22 @@ class IdentityCenter:
             )
         c = resp["Credentials"]
         self.creds.add(c["AccessKeyId"], c["SecretAccessKey"], c["SessionToken"])
+        expiration = c["Expiration"].timestamp()
+        if credentials_ttl is not None:
+            expiration = min(expiration, time.time() + credentials_ttl)
         return {
             "accessKeyId": c["AccessKeyId"],
             "secretAccessKey": c["SecretAccessKey"],
             "sessionToken": c["SessionToken"],
-            "expiration": int(c["Expiration"].timestamp() * 1000),
+            "expiration": int(expiration * 1000),
         }
 
-    def new_access_token(self, user, permission_set, ttl):
+    def new_access_token(self, user, permission_set, ttl, credentials_ttl=None):
         token = "aoa" + secrets.token_urlsafe(48)
-        self.access_tokens[token] = {"user": user, "permission_set": permission_set, "expires": time.time() + ttl}
+        self.access_tokens[token] = {
+            "user": user, "permission_set": permission_set, "expires": time.time() + ttl,
+            "credentials_ttl": credentials_ttl,
+        }
         return token
 
     def login(self, body):
@@ -502,12 +511,13 @@ class IdentityCenter:
         permission_set = body.get("permission_set")
         ttl = int(body.get("access_token_ttl", 3600))
         refreshable = bool(body.get("refreshable", True))
+        credentials_ttl = body.get("credentials_ttl")
         now = utc_now()
         client_id = "bedclient-" + secrets.token_hex(8)
         client_secret = secrets.token_urlsafe(32)
         with self.lock:
             self.clients[client_id] = client_secret
-            access_token = self.new_access_token(user, permission_set, ttl)
+            access_token = self.new_access_token(user, permission_set, ttl, credentials_ttl)
             cache = {
                 "startUrl": self.start_url,
                 "region": REGION,
@@ -544,7 +554,7 @@ class IdentityCenter:
             return error(400, "InvalidRequestException", "role_name and account_id are required")
         if account != ACCOUNT_ID or (session["permission_set"] not in (None, role)):
             return error(403, "ForbiddenException", "No access")
-        return 200, {}, {"roleCredentials": self.mint(session["user"], role)}
+        return 200, {}, {"roleCredentials": self.mint(session["user"], role, session.get("credentials_ttl"))}
 
     def create_token(self, body):
         """POST /token (SSO-OIDC CreateToken) with grant_type refresh_token."""

@@ -662,3 +662,60 @@ fn a_revoked_refresh_token_gets_the_same_sign_in_again_message() {
         .any(|r| r["path"] == "/token" && r["client_id"] == client_id);
     assert!(tried, "no CreateToken attempt for {client_id}");
 }
+
+/// A sign-out and a new `aws sso login` while the proxy runs: the next
+/// connection uses the new login. The SDK's SSO provider keeps the portal
+/// token in memory; before the fix it went on presenting the signed-out
+/// one ("UnauthorizedException: Session token not found or invalid")
+/// until that token's last five minutes.
+#[test]
+fn a_new_sso_login_after_a_sign_out_is_picked_up_by_the_next_connection() {
+    let Some(bed) = Bed::shared("sso_relogin_after_sign_out") else {
+        return;
+    };
+    bed.create_iam_user("uma");
+    // Role credentials good for 30 s: under the one-minute minimum, so each
+    // connection asks the portal again with the token it holds.
+    let first = bed.sso_login_short_credentials("uma", "DatabaseAdmin", 30);
+    let home = AwsHome::sso_with_cache(bed, "DatabaseAdmin", &first);
+    let proxy = Proxy::builder(bed, &home).start();
+    let (ok, out, err) = run(proxy.psql("uma", "").args(SELECT_USER));
+    assert!(ok, "{err}\n{}", proxy.log());
+    assert_eq!(out.trim(), "uma");
+
+    // Sign out: the portal forgets the token, the cache file is removed.
+    bed.expire_access_token(first["accessToken"].as_str().unwrap());
+    std::fs::remove_file(home.sso_cache_file()).unwrap();
+    let (ok, _, err) = run(proxy.psql("uma", "").args(SELECT_USER));
+    assert!(!ok, "must be refused after the sign-out");
+    assert!(
+        err.contains("run: aws sso login --profile dev"),
+        "{err}\n{}",
+        proxy.log()
+    );
+
+    // Sign in again: the very next connection works, with the new token.
+    let second = bed.sso_login_short_credentials("uma", "DatabaseAdmin", 30);
+    home.write_sso_cache(&second);
+    let asked_before = bed.sso_requests().as_array().unwrap().len();
+    let (ok, out, err) = run(proxy.psql("uma", "").args(SELECT_USER));
+    assert!(
+        ok,
+        "the new login was not picked up: {err}\n{}",
+        proxy.log()
+    );
+    assert_eq!(out.trim(), "uma");
+    let requests = bed.sso_requests();
+    let since: Vec<_> = requests.as_array().unwrap()[asked_before..]
+        .iter()
+        .collect();
+    assert!(
+        since
+            .iter()
+            .any(|r| r["path"] == "/federation/credentials" && r["user"] == "uma"),
+        "no GetRoleCredentials with the new token: {since:?}"
+    );
+    // And it stays picked up.
+    let (ok, _, err) = run(proxy.psql("uma", "").args(SELECT_USER));
+    assert!(ok, "{err}\n{}", proxy.log());
+}

@@ -256,7 +256,11 @@ impl IdentityService {
             .profile
             .clone()
             .or_else(|| std::env::var("AWS_PROFILE").ok().filter(|p| !p.is_empty()));
-        let (source, chain) = match options.kind {
+        // SSO and the standard chain are read again from the files after a
+        // failure or a rejection (see credentials.rs); SAML re-reads its
+        // assertion by itself.
+        let reload = reload(options.profile.clone(), sdk.region().map(|r| r.to_string()));
+        let (source, chain, rebuild) = match options.kind {
             SourceKind::Sso => {
                 let home = std::env::var_os("HOME").map(PathBuf::from);
                 let config_file = std::env::var_os("AWS_CONFIG_FILE")
@@ -268,22 +272,23 @@ impl IdentityService {
                     }
                     _ => None,
                 };
-                (Source::Sso(login), sdk.credentials_provider())
+                (Source::Sso(login), sdk.credentials_provider(), Some(reload))
             }
             SourceKind::Saml => {
                 let input = options.saml.clone().expect("validated: saml has an input");
                 let provider = Arc::new(SamlProvider::new(input, options.saml_role.clone(), sdk));
                 let chain = SharedCredentialsProvider::new(SharedSaml(provider.clone()));
-                (Source::Saml(provider), Some(chain))
+                (Source::Saml(provider), Some(chain), None)
             }
             SourceKind::Workload => (
                 Source::Workload {
                     allowed: options.allowed_db_users.clone(),
                 },
                 sdk.credentials_provider(),
+                Some(reload),
             ),
         };
-        let creds = CachedCredentials::new(chain);
+        let creds = CachedCredentials::with_rebuild(chain, rebuild);
         let skew = SkewProbe::default();
         let sts_config = aws_sdk_sts::config::Builder::from(sdk)
             .credentials_provider(SharedCredentialsProvider::new(creds.clone()))
@@ -371,12 +376,14 @@ impl IdentityService {
         {
             return Ok((creds, id.clone()));
         }
-        let out = self
-            .sts
-            .get_caller_identity()
-            .send()
-            .await
-            .map_err(|e| IdentityError::CallerIdentity(error_chain(&e)))?;
+        let out = self.sts.get_caller_identity().send().await.map_err(|e| {
+            // GetCallerIdentity needs no permission: an answer from STS
+            // that is an error means these credentials were refused.
+            if e.as_service_error().is_some() {
+                self.creds.reject(creds.access_key_id());
+            }
+            IdentityError::CallerIdentity(error_chain(&e))
+        })?;
         let (Some(arn), Some(account)) = (out.arn(), out.account()) else {
             return Err(IdentityError::IncompleteCaller);
         };
@@ -474,6 +481,18 @@ impl IdentityService {
             tokio::time::sleep(std::time::Duration::from_secs(30)).await;
         }
     }
+}
+
+/// Makes the standard chain (for `profile`) again from the files on disk.
+fn reload(profile: Option<String>, region: Option<String>) -> credentials::Rebuild {
+    Arc::new(move || {
+        let (profile, region) = (profile.clone(), region.clone());
+        Box::pin(async move {
+            IdentityService::load_sdk_config(profile.as_deref(), region.as_deref())
+                .await
+                .credentials_provider()
+        })
+    })
 }
 
 /// Lets the SAML provider sit inside the cached chain while the service

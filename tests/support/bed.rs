@@ -328,6 +328,20 @@ impl Bed {
         self.control("POST", "/_bed/login", Some(&body))
     }
 
+    /// A login whose role credentials are reported to expire
+    /// `credentials_ttl` seconds after each GetRoleCredentials, so a client
+    /// has to go back to the portal for every connection (no refresh token).
+    pub fn sso_login_short_credentials(
+        &self,
+        user: &str,
+        permission_set: &str,
+        credentials_ttl: u64,
+    ) -> Value {
+        let body = json!({"user": user, "permission_set": permission_set,
+                          "refreshable": false, "credentials_ttl": credentials_ttl});
+        self.control("POST", "/_bed/login", Some(&body))
+    }
+
     /// Role credentials for `user` minted directly (moto AssumeRole), known
     /// to the token verifier.
     pub fn mint_credentials(&self, user: &str, permission_set: &str) -> AwsCreds {
