@@ -339,4 +339,76 @@ mod tests {
         let failed = task.await.unwrap().unwrap_err();
         assert!(matches!(failed.error, HandshakeError::ClientGone));
     }
+
+    /// A TLS session as negotiate() leaves it, and the client's end.
+    async fn tls_pair() -> (ClientStream, tokio_rustls::client::TlsStream<UnixStream>) {
+        let (mut client, client_tls, task) = spawn(false);
+        client.write_all(&ssl_request()).await.unwrap();
+        let mut answer = [0u8; 1];
+        client.read_exact(&mut answer).await.unwrap();
+        let name = ServerName::try_from("localhost").unwrap();
+        let mut tls = tokio_rustls::TlsConnector::from(client_tls)
+            .connect(name, client)
+            .await
+            .unwrap();
+        tls.write_all(&startup("arianna")).await.unwrap();
+        tls.flush().await.unwrap();
+        (task.await.unwrap().unwrap().stream, tls)
+    }
+
+    /// A TLS client connection dropped without shutdown (a cancel request
+    /// answered, a refusal, any error path) still ends with close_notify:
+    /// the client sees a clean end, not "unexpected eof" (what libpq 17+
+    /// reported as a failed cancel).
+    #[tokio::test]
+    async fn a_dropped_tls_client_connection_ends_with_close_notify() {
+        let (stream, mut tls) = tls_pair().await;
+        drop(stream);
+        let mut rest = Vec::new();
+        let read = tls.read_to_end(&mut rest).await;
+        assert!(read.is_ok(), "client saw {read:?}, not close_notify");
+        assert!(rest.is_empty());
+    }
+
+    /// What a libpq client does with what the proxy sends: take one TLS
+    /// record per socket readiness and read it into the 8 KiB it keeps
+    /// free. Nothing may stay decrypted behind, where poll(2) cannot see
+    /// it (psycopg then waited for good on bulk results).
+    #[tokio::test]
+    async fn records_to_clients_fit_the_8k_that_libpq_reads() {
+        let (mut stream, tls) = tls_pair().await;
+        let (raw, mut conn) = tls.into_inner();
+        let bulk: Vec<u8> = (0..100_000u32).map(|i| (i % 253) as u8).collect();
+        // The forwarder writes 16 KiB at a time.
+        for chunk in bulk.chunks(crate::forward::BUF_SIZE) {
+            stream.write_all(chunk).await.unwrap();
+        }
+        stream.flush().await.unwrap();
+        drop(stream);
+        let mut wire = Vec::new();
+        let mut raw = raw;
+        raw.read_to_end(&mut wire).await.unwrap();
+
+        let mut got = Vec::new();
+        let mut at = 0;
+        while at + 5 <= wire.len() {
+            let len = u16::from_be_bytes([wire[at + 3], wire[at + 4]]) as usize;
+            let mut record = &wire[at..at + 5 + len];
+            at += 5 + len;
+            while !record.is_empty() {
+                conn.read_tls(&mut record).unwrap();
+            }
+            let state = conn.process_new_packets().unwrap();
+            let mut buf = [0u8; 8192];
+            let n = match std::io::Read::read(&mut conn.reader(), &mut buf) {
+                Ok(n) => n,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => 0,
+                Err(e) => panic!("{e}"),
+            };
+            got.extend_from_slice(&buf[..n]);
+            let left = state.plaintext_bytes_to_read() - n;
+            assert_eq!(left, 0, "a record left {left} bytes behind an 8 KiB read");
+        }
+        assert!(got == bulk, "every byte arrives, in order");
+    }
 }
