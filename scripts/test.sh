@@ -40,6 +40,8 @@ run_offline() {
 }
 
 if [[ -x .venv/bin/python ]]; then
-    run_offline .venv/bin/python -m pytest -q -p no:cacheprovider testbed/tests
+    # The client tests drive the build made just above.
+    RDS_IAM_PROXY_BIN="$REPO/target/debug/rds-iam-proxy" \
+        run_offline .venv/bin/python -m pytest -q -p no:cacheprovider testbed/tests
 fi
 run_offline cargo test --locked --offline --all-targets "${extra[@]}"

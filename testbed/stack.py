@@ -31,14 +31,14 @@ DATABASE = "arianna_db"
 
 
 def binary():
-    """The proxy binary: RDS_IAM_PROXY_BIN, else the release build, else debug."""
+    """The proxy binary: RDS_IAM_PROXY_BIN, else the newer of the release
+    and debug builds (never a stale one by accident)."""
     if os.environ.get("RDS_IAM_PROXY_BIN"):
         return os.environ["RDS_IAM_PROXY_BIN"]
-    for profile in ("release", "debug"):
-        path = REPO / "target" / profile / "rds-iam-proxy"
-        if path.exists():
-            return str(path)
-    raise RuntimeError("no rds-iam-proxy binary: run cargo build first")
+    built = [p for p in (REPO / "target" / prof / "rds-iam-proxy" for prof in ("release", "debug")) if p.exists()]
+    if not built:
+        raise RuntimeError("no rds-iam-proxy binary: run cargo build first")
+    return str(max(built, key=lambda p: p.stat().st_mtime))
 
 
 def _post(url, body):

@@ -587,3 +587,81 @@ fn token_subcommand_prints_a_token_the_database_accepts() {
     assert!(!ok && out.is_empty());
     assert!(err.contains("database user \"bob\" is not yours"), "{err}");
 }
+
+/// psql's own client-side features through the proxy: `\copy` both ways
+/// with many rows (the file comes back byte for byte) and `\watch`.
+#[test]
+fn psql_copy_both_ways_and_watch() {
+    let Some((bed, home)) = sso_setup("psql_copy_both_ways_and_watch", "arianna") else {
+        return;
+    };
+    let proxy = Proxy::builder(bed, &home).start();
+    let dir = support::bed::unique_temp_path("psql-copy");
+    std::fs::create_dir_all(&dir).unwrap();
+    let (out_file, back_file) = (dir.join("out.tsv"), dir.join("back.tsv"));
+    let script = format!(
+        "\\set ON_ERROR_STOP 0\n\
+         \\copy (select i, md5(i::text), repeat('z', i % 700) from generate_series(1, 60000) i) to '{out}'\n\
+         create temp table c (i int, m text, z text);\n\
+         \\copy c from '{out}'\n\
+         select count(*) || '|' || sum(i) from c;\n\
+         \\copy (select * from c order by i) to '{back}'\n\
+         create temp sequence s;\n\
+         select 'round ' || nextval('s') || ' ' || 1 / (3 - currval('s')) \\watch 0.1\n",
+        out = out_file.display(),
+        back = back_file.display()
+    );
+    let script_file = dir.join("script.sql");
+    std::fs::write(&script_file, script).unwrap();
+    let (_, out, err) = run(proxy.psql("arianna", "").arg("-f").arg(&script_file));
+    assert!(
+        out.contains("60000|1800030000"),
+        "{out}\n{err}\n{}",
+        proxy.log()
+    );
+    let (sent, back) = (
+        std::fs::read(&out_file).unwrap(),
+        std::fs::read(&back_file).unwrap(),
+    );
+    assert!(
+        sent.len() > 20_000_000 && sent == back,
+        "the \\copy round trip changed the data"
+    );
+    // \watch ran twice, then the division by zero ended it.
+    assert!(
+        out.contains("round 1 0") && out.contains("round 2 1"),
+        "{out}"
+    );
+    assert!(err.contains("division by zero"), "{err}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// pgbench's pipeline mode: many queries before one Sync.
+#[test]
+fn pgbench_pipeline_mode_through_proxy() {
+    let Some((bed, home)) = sso_setup("pgbench_pipeline_mode_through_proxy", "benchuser") else {
+        return;
+    };
+    let proxy = Proxy::builder(bed, &home).start();
+    let script = support::bed::unique_temp_path("pipeline.sql");
+    std::fs::write(
+        &script,
+        "\\startpipeline\nselect 1;\nselect :client_id;\nselect repeat('p', 20000);\nselect pg_sleep(0);\n\\endpipeline\n",
+    )
+    .unwrap();
+    let mut cmd = std::process::Command::new("pgbench");
+    clean_pg_env(&mut cmd);
+    cmd.env("PGHOST", "127.0.0.1")
+        .env("PGPORT", proxy.addr.port().to_string())
+        .env("PGUSER", "benchuser")
+        .env("PGDATABASE", "mylab")
+        .env("PGSSLMODE", "verify-full")
+        .env("PGSSLROOTCERT", proxy.ca_cert())
+        .args(["-n", "-M", "extended", "-c", "2", "-t", "100", "-f"])
+        .arg(&script);
+    let (ok, out, err) = run(&mut cmd);
+    assert!(ok, "{err}\n{}", proxy.log());
+    assert!(out.contains("processed: 200/200"), "{out}");
+    assert!(out.contains("number of failed transactions: 0"), "{out}");
+    std::fs::remove_file(&script).unwrap();
+}
