@@ -62,11 +62,13 @@ pub struct Bind<'a> {
 impl<'a> Bind<'a> {
     /// Each parameter: `None` for SQL NULL, else its bytes and whether the
     /// format is text. Stops at the first value that runs past the body
-    /// (a truncated capture).
+    /// (a truncated capture) and at the first that has no format code (a
+    /// malformed message: the server refuses it, the proxy only stops
+    /// reading it).
     pub fn params(&self) -> impl Iterator<Item = Option<(&'a [u8], bool)>> + '_ {
         let mut rest = self.values;
-        let nformats = self.formats.len() / 2;
         (0..self.params as usize).map_while(move |i| {
+            let text = self.format_is_text(i)?;
             let (len, r) = i32_at(rest, b'B').ok()?;
             if len < 0 {
                 rest = r;
@@ -74,13 +76,20 @@ impl<'a> Bind<'a> {
             }
             let v = r.get(..len as usize)?;
             rest = &r[len as usize..];
-            let f = match nformats {
-                0 => 0,
-                1 => u16::from_be_bytes([self.formats[0], self.formats[1]]),
-                _ => u16::from_be_bytes([self.formats[2 * i], self.formats[2 * i + 1]]),
-            };
-            Some(Some((v, f == 0)))
+            Some(Some((v, text)))
         })
+    }
+
+    /// PostgreSQL's rule: no format codes, all text; one, for every
+    /// parameter; else one per parameter. None when the code is missing.
+    fn format_is_text(&self, i: usize) -> Option<bool> {
+        let at = match self.formats.len() / 2 {
+            0 => return Some(true),
+            1 => 0,
+            _ => 2 * i,
+        };
+        let code = self.formats.get(at..at + 2)?;
+        Some(u16::from_be_bytes([code[0], code[1]]) == 0)
     }
 
     pub fn param_count(&self) -> u16 {
@@ -298,6 +307,48 @@ mod tests {
         let b = bind(cut).unwrap();
         assert_eq!(b.statement, b"s1");
         assert_eq!(b.params().count(), 1);
+    }
+
+    /// Malformed format lists (more parameters than codes, an odd cut)
+    /// never panic: reading stops where the message stops making sense.
+    #[test]
+    fn malformed_bind_formats_do_not_panic() {
+        // Two format codes, three parameters.
+        let m = frame(b'B', |b| {
+            b.put_slice(b"\0\0");
+            b.put_u16(2);
+            b.put_u16(0);
+            b.put_u16(1);
+            b.put_u16(3);
+            for _ in 0..3 {
+                b.put_i32(1);
+                b.put_slice(b"v");
+            }
+            b.put_u16(0);
+        });
+        let b = bind(body(&m)).unwrap();
+        let params: Vec<_> = b.params().collect();
+        assert_eq!(params, [Some((&b"v"[..], true)), Some((&b"v"[..], false))]);
+        // Every prefix and every declared count, with one to four codes.
+        for codes in 1..=4u16 {
+            let m = frame(b'B', |b| {
+                b.put_slice(b"p\0s\0");
+                b.put_u16(codes);
+                for _ in 0..codes {
+                    b.put_u16(1);
+                }
+                b.put_u16(9);
+                for _ in 0..9 {
+                    b.put_i32(2);
+                    b.put_slice(b"ab");
+                }
+            });
+            for cut in 0..=body(&m).len() {
+                if let Ok(b) = bind(&body(&m)[..cut]) {
+                    assert!(b.params().count() <= 9);
+                }
+            }
+        }
     }
 
     #[test]
