@@ -179,7 +179,8 @@ async fn run(ctx: Arc<AppContext>, ep: Arc<EndpointContext>, socket: Socket, pee
         if startup.requested.minor > minor || !startup.protocol_options.is_empty() {
             backend::write_negotiate_version(&mut out, minor, &startup.protocol_options);
         }
-        let (before_ready, ready) = greeting.split_at(greeting.len() - 6);
+        let (before_ready, ready) =
+            greeting.split_at(greeting.len() - upstream::READY_FOR_QUERY_LEN);
         out.extend_from_slice(before_ready);
         let backend_pid = backend_key.as_ref().map(|k| k.pid as i32);
         let _registration = backend_key.map(|key| {

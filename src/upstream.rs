@@ -42,6 +42,9 @@ impl Endpoint {
     }
 }
 
+/// A ReadyForQuery message: tag, length (5), transaction status.
+pub const READY_FOR_QUERY_LEN: usize = 6;
+
 /// A logged-in upstream session.
 #[derive(Debug)]
 pub struct Upstream {
@@ -53,6 +56,8 @@ pub struct Upstream {
     pub minor: u16,
     /// The server's messages from AuthenticationOk to ReadyForQuery, minus
     /// BackendKeyData and NegotiateProtocolVersion, which the proxy rewrites.
+    /// Everything the server said after authentication, ending with its
+    /// ReadyForQuery ([`READY_FOR_QUERY_LEN`] bytes).
     pub greeting: BytesMut,
     pub tls: String,
 }
@@ -253,6 +258,13 @@ pub async fn login(
             b'S' | b'N' if authenticated => greeting.extend_from_slice(&buf[..frame_len]),
             b'N' => greeting.extend_from_slice(&buf[..frame_len]),
             b'Z' if authenticated => {
+                // The greeting ends with it and the session start rewrites
+                // around it: exactly tag, length 5, status.
+                if frame_len != READY_FOR_QUERY_LEN {
+                    return Err(UpstreamError::Protocol(format!(
+                        "ReadyForQuery of {frame_len} bytes during login"
+                    )));
+                }
                 greeting.extend_from_slice(&buf[..frame_len]);
                 let _ = buf.split_to(frame_len);
                 if !buf.is_empty() {
