@@ -25,7 +25,8 @@
 //!
 //! Running it like infrastructure: [`config`] (flags > environment > TOML
 //! file), [`metrics`] and [`admin`] (health and Prometheus over HTTP),
-//! [`activity`] (idle timeout), [`systemd`] (readiness notification);
+//! [`activity`] (idle timeout), [`systemd`] (readiness notification),
+//! [`log_text`] (text log lines a client cannot forge);
 //! [`app`] owns the lifecycle (SIGHUP reload, SIGTERM drain).
 //!
 //! [`conn`] strings the stages together for one connection; [`app`] builds
@@ -50,6 +51,7 @@ pub mod handshake;
 pub mod identity;
 pub mod listener;
 pub mod local_ca;
+pub mod log_text;
 pub mod metrics;
 pub mod peer;
 pub mod pg;

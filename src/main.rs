@@ -138,7 +138,7 @@ fn init_tracing(format: LogFormat, default_level: &str) {
         .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr);
     match format {
-        LogFormat::Text => builder.init(),
+        LogFormat::Text => builder.fmt_fields(rds_iam_proxy::log_text::fields()).init(),
         LogFormat::Json => builder.json().init(),
     }
 }
