@@ -164,24 +164,26 @@ fn session_token_credentials_and_no_secret_in_logs() {
     }
 }
 
+/// pgbench through `proxy` as `user`, TLS verify-full to the proxy's CA.
+fn pgbench_cmd(proxy: &Proxy, user: &str) -> std::process::Command {
+    let mut cmd = std::process::Command::new("pgbench");
+    clean_pg_env(&mut cmd);
+    cmd.env("PGHOST", "127.0.0.1")
+        .env("PGPORT", proxy.addr.port().to_string())
+        .env("PGUSER", user)
+        .env("PGDATABASE", "mylab")
+        .env("PGSSLMODE", "verify-full")
+        .env("PGSSLROOTCERT", proxy.ca_cert());
+    cmd
+}
+
 #[test]
 fn pgbench_through_proxy() {
     let Some((bed, home)) = sso_setup("pgbench_through_proxy", "benchuser") else {
         return;
     };
     let proxy = Proxy::builder(bed, &home).start();
-    let pgbench = |args: &[&str]| {
-        let mut cmd = std::process::Command::new("pgbench");
-        clean_pg_env(&mut cmd);
-        cmd.env("PGHOST", "127.0.0.1")
-            .env("PGPORT", proxy.addr.port().to_string())
-            .env("PGUSER", "benchuser")
-            .env("PGDATABASE", "mylab")
-            .env("PGSSLMODE", "verify-full")
-            .env("PGSSLROOTCERT", proxy.ca_cert())
-            .args(args);
-        run(&mut cmd)
-    };
+    let pgbench = |args: &[&str]| run(pgbench_cmd(&proxy, "benchuser").args(args));
     let (ok, _, err) = pgbench(&["-i", "-q", "-s", "1"]);
     assert!(ok, "pgbench -i: {err}\n{}", proxy.log());
     for mode in ["simple", "extended", "prepared"] {
@@ -649,17 +651,9 @@ fn pgbench_pipeline_mode_through_proxy() {
         "\\startpipeline\nselect 1;\nselect :client_id;\nselect repeat('p', 20000);\nselect pg_sleep(0);\n\\endpipeline\n",
     )
     .unwrap();
-    let mut cmd = std::process::Command::new("pgbench");
-    clean_pg_env(&mut cmd);
-    cmd.env("PGHOST", "127.0.0.1")
-        .env("PGPORT", proxy.addr.port().to_string())
-        .env("PGUSER", "benchuser")
-        .env("PGDATABASE", "mylab")
-        .env("PGSSLMODE", "verify-full")
-        .env("PGSSLROOTCERT", proxy.ca_cert())
+    let (ok, out, err) = run(pgbench_cmd(&proxy, "benchuser")
         .args(["-n", "-M", "extended", "-c", "2", "-t", "100", "-f"])
-        .arg(&script);
-    let (ok, out, err) = run(&mut cmd);
+        .arg(&script));
     assert!(ok, "{err}\n{}", proxy.log());
     assert!(out.contains("processed: 200/200"), "{out}");
     assert!(out.contains("number of failed transactions: 0"), "{out}");
