@@ -43,7 +43,7 @@ Usage (as root: the bed needs it), from the repository root:
 The interpreter given by --python needs psycopg (any implementation), pytest,
 anyio and pproxy (psycopg's `test` extra, less the plugins); the one running
 this script needs the bed's packages (scripts/setup-test-env.sh makes .venv).
-The whole suite takes about 10-15 minutes per target on two CPUs; --parallel
+The whole suite takes about 18-19 minutes per target on two CPUs; --parallel
 runs the targets at once, each with its own bed, on machines with CPUs to spare.
 """
 
@@ -577,7 +577,9 @@ def print_failures(nodeid, direct, other, lines):
     for run in (direct, other):
         r = run.results.get(nodeid)
         if r and r.outcome not in ("passed", "skipped") and (r.message or r.details):
-            text = f"[{run.name}] {r.message}\n{_tail(r.details, lines)}"
+            # A hang's details are a traceback dump, most recent call first.
+            trace = "\n".join(r.details.splitlines()[:lines]) if r.outcome == "hung" else _tail(r.details, lines)
+            text = f"[{run.name}] {r.message}\n{trace}"
             print(textwrap.indent(text, "      | ", lambda line: True))
 
 
