@@ -231,19 +231,7 @@ mod tests {
 
     #[tokio::test]
     async fn ssl_request_then_startup_over_tls() {
-        let (mut client, client_tls, task) = spawn(false);
-        client.write_all(&ssl_request()).await.unwrap();
-        let mut answer = [0u8; 1];
-        client.read_exact(&mut answer).await.unwrap();
-        assert_eq!(&answer, b"S");
-        let name = ServerName::try_from("localhost").unwrap();
-        let mut tls = tokio_rustls::TlsConnector::from(client_tls)
-            .connect(name, client)
-            .await
-            .unwrap();
-        tls.write_all(&startup("arianna")).await.unwrap();
-        tls.flush().await.unwrap();
-        let n = task.await.unwrap().unwrap();
+        let (n, _tls) = tls_session().await;
         assert!(n.stream.is_tls());
         let ClientRequest::Startup(msg) = n.request else {
             panic!()
@@ -340,12 +328,14 @@ mod tests {
         assert!(matches!(failed.error, HandshakeError::ClientGone));
     }
 
-    /// A TLS session as negotiate() leaves it, and the client's end.
-    async fn tls_pair() -> (ClientStream, tokio_rustls::client::TlsStream<UnixStream>) {
+    /// SSLRequest, TLS, startup for "arianna": what negotiate() returns,
+    /// and the client's end.
+    async fn tls_session() -> (Negotiated, tokio_rustls::client::TlsStream<UnixStream>) {
         let (mut client, client_tls, task) = spawn(false);
         client.write_all(&ssl_request()).await.unwrap();
         let mut answer = [0u8; 1];
         client.read_exact(&mut answer).await.unwrap();
+        assert_eq!(&answer, b"S");
         let name = ServerName::try_from("localhost").unwrap();
         let mut tls = tokio_rustls::TlsConnector::from(client_tls)
             .connect(name, client)
@@ -353,7 +343,7 @@ mod tests {
             .unwrap();
         tls.write_all(&startup("arianna")).await.unwrap();
         tls.flush().await.unwrap();
-        (task.await.unwrap().unwrap().stream, tls)
+        (task.await.unwrap().unwrap(), tls)
     }
 
     /// A TLS client connection dropped without shutdown (a cancel request
@@ -362,7 +352,7 @@ mod tests {
     /// reported as a failed cancel).
     #[tokio::test]
     async fn a_dropped_tls_client_connection_ends_with_close_notify() {
-        let (stream, mut tls) = tls_pair().await;
+        let (Negotiated { stream, .. }, mut tls) = tls_session().await;
         drop(stream);
         let mut rest = Vec::new();
         let read = tls.read_to_end(&mut rest).await;
@@ -376,7 +366,7 @@ mod tests {
     /// it (psycopg then waited for good on bulk results).
     #[tokio::test]
     async fn records_to_clients_fit_the_8k_that_libpq_reads() {
-        let (mut stream, tls) = tls_pair().await;
+        let (Negotiated { mut stream, .. }, tls) = tls_session().await;
         let (raw, mut conn) = tls.into_inner();
         let bulk: Vec<u8> = (0..100_000u32).map(|i| (i % 253) as u8).collect();
         // The forwarder writes 16 KiB at a time.
