@@ -155,18 +155,19 @@ impl CachedCredentials {
         if let Some(c) = self.fresh(SystemTime::now(), REFRESH_AHEAD) {
             return Ok(c);
         }
-        if self.inner.stale.load(Ordering::Relaxed) {
+        let rebuilt = self.inner.stale.load(Ordering::Relaxed);
+        if rebuilt {
             self.rebuild_source().await;
         }
         let mut answer = self.ask().await;
-        if answer.is_err() && self.inner.rebuild.is_some() {
+        if answer.is_err() && !rebuilt && self.inner.rebuild.is_some() {
             // What failed may be state the source keeps in memory (an SSO
             // token signed out since): read the files again, now.
             self.rebuild_source().await;
             answer = self.ask().await;
-            if answer.is_err() {
-                self.inner.stale.store(true, Ordering::Relaxed);
-            }
+        }
+        if answer.is_err() && self.inner.rebuild.is_some() {
+            self.inner.stale.store(true, Ordering::Relaxed);
         }
         match answer {
             Ok(c) => {
