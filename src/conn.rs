@@ -244,8 +244,11 @@ async fn run(ctx: Arc<AppContext>, ep: Arc<EndpointContext>, socket: Socket, pee
         let idle = Idle::default();
         let mut watched = Activity::new(&mut up, &idle);
         let mut phase = ctx.phase.clone();
-        let mut tap = crate::audit::tap::wanted(&ctx.audit)
-            .then(|| crate::audit::SessionTap::new(id, ctx.audit.clone()));
+        let mut tap = crate::audit::tap::wanted(&ctx.audit).then(|| {
+            let mut tap = crate::audit::SessionTap::new(id, ctx.audit.clone());
+            tap.greeting(&greeting);
+            tap
+        });
         let ended = tokio::select! {
             r = async {
                 match tap.as_mut() {

@@ -54,6 +54,11 @@ struct Gate {
     inject_pos: usize,
     /// A held message waiting for its record: its tag and length.
     wait: Option<(oneshot::Receiver<bool>, u8, usize)>,
+    /// The message at `cleared` waits for the server to answer what came
+    /// before it ([`Verdict::Hold`]); judged again after server messages.
+    held: bool,
+    /// A Flush was sent for the held message already.
+    hold_flushed: bool,
     eof: bool,
     done: bool,
     need_flush: bool,
@@ -61,6 +66,11 @@ struct Gate {
     messages: u64,
     terminated: bool,
 }
+
+/// A Flush message: sent upstream when a message is held, so the server
+/// delivers the answers it has buffered (it sends its output on its own
+/// only at ReadyForQuery). It has no answer of its own.
+const FLUSH: [u8; 5] = [b'H', 0, 0, 0, 4];
 
 impl Gate {
     fn new() -> Self {
@@ -74,6 +84,8 @@ impl Gate {
             inject: Vec::new(),
             inject_pos: 0,
             wait: None,
+            held: false,
+            hold_flushed: false,
             eof: false,
             done: false,
             need_flush: false,
@@ -92,6 +104,15 @@ impl Gate {
             }
             Verdict::Wait(rx) => self.wait = Some((rx, tag, frame_len)),
             Verdict::Close(why) => return Err(ForwardError::Audit(why)),
+            Verdict::Hold => {
+                self.held = true;
+                if !self.hold_flushed {
+                    self.hold_flushed = true;
+                    self.inject.clear();
+                    self.inject.extend_from_slice(&FLUSH);
+                    self.inject_pos = 0;
+                }
+            }
         }
         Ok(())
     }
@@ -137,6 +158,11 @@ impl Gate {
         }
         let body = &self.buf[self.cleared + HEADER_LEN..self.cleared + need];
         let verdict = tap.client_message(h.tag, body, need == frame_len, &mut self.inject);
+        if matches!(verdict, Verdict::Hold) {
+            self.messages -= 1;
+        } else {
+            self.hold_flushed = false;
+        }
         self.apply(verdict, h.tag, frame_len)?;
         Ok(None)
     }
@@ -183,6 +209,15 @@ impl Gate {
                 self.need_flush = true;
                 continue;
             }
+            if self.held {
+                // Woken again once server messages arrived (see
+                // `forward_tapped`), with `held` cleared.
+                if self.need_flush {
+                    ready!(w.as_mut().poll_flush(cx)).map_err(werr)?;
+                    self.need_flush = false;
+                }
+                return Poll::Pending;
+            }
             if let Some((rx, tag, frame_len)) = &mut self.wait {
                 let (tag, frame_len) = (*tag, *frame_len);
                 let ok = match Pin::new(rx).poll(cx) {
@@ -215,6 +250,7 @@ impl Gate {
             // write (one TLS record) as they came.
             let mut need = HEADER_LEN;
             while self.wait.is_none()
+                && !self.held
                 && self.skip_left == 0
                 && self.inject_pos >= self.inject.len()
                 && self.end > self.cleared
@@ -235,6 +271,7 @@ impl Gate {
             }
             if self.start < self.cleared
                 || self.inject_pos < self.inject.len()
+                || self.held
                 || self.wait.is_some()
                 || (self.skip_left > 0 && self.end > self.cleared)
             {
@@ -321,41 +358,46 @@ where
     let mut up = Gate::new();
     let mut down = Pipe::new();
     let mut capture = Capture::new(u32::MAX, SERVER_PREFIX);
-    let logging = tap.logs();
 
     let result = poll_fn(|cx| {
-        if !up.done
-            && let Poll::Ready(r) =
-                up.poll_pump(cx, Pin::new(&mut *client), Pin::new(&mut *upstream), tap)
-        {
-            r?;
-        }
-        if !down.done {
-            let inspect = |chunk: &[u8]| {
-                if logging {
+        loop {
+            if !up.done
+                && let Poll::Ready(r) =
+                    up.poll_pump(cx, Pin::new(&mut *client), Pin::new(&mut *upstream), tap)
+            {
+                r?;
+            }
+            let mut answered = false;
+            if !down.done {
+                let inspect = |chunk: &[u8]| {
+                    answered = true;
                     capture
                         .feed(chunk, server_wanted, |t, b| tap.server_message(t, b))
                         .map_err(|e| ForwardError::Io {
                             side: Side::Upstream,
                             source: io::Error::new(io::ErrorKind::InvalidData, e),
                         })?;
+                    Ok(())
+                };
+                if let Poll::Ready(r) = down.poll_pump(
+                    cx,
+                    Pin::new(&mut *upstream),
+                    Pin::new(&mut *client),
+                    Side::Upstream,
+                    inspect,
+                ) {
+                    r?;
                 }
-                Ok(())
-            };
-            if let Poll::Ready(r) = down.poll_pump(
-                cx,
-                Pin::new(&mut *upstream),
-                Pin::new(&mut *client),
-                Side::Upstream,
-                inspect,
-            ) {
-                r?;
             }
-        }
-        if down.done {
-            Poll::Ready(Ok(()))
-        } else {
-            Poll::Pending
+            if down.done {
+                return Poll::Ready(Ok(()));
+            }
+            // A held message is judged again once the server has said more.
+            if up.held && answered {
+                up.held = false;
+                continue;
+            }
+            return Poll::Pending;
         }
     })
     .await;
@@ -368,11 +410,13 @@ where
     crate::forward::finish(traffic, result, up.terminated, up.done)
 }
 
-/// Which server messages the audit reads, and how much of each: the ones
-/// that end a statement or a transaction (tags, errors, ReadyForQuery).
+/// Which server messages the tap reads, and how much of each: those that
+/// answer a client message or change how the server reads the next ones
+/// (ParameterStatus). Rows, copy data, notices and notifications pass.
 pub fn server_wanted(tag: u8) -> Option<usize> {
     match tag {
-        b'C' | b'E' | b'Z' | b'I' | b'V' | b's' => Some(SERVER_PREFIX),
+        b'C' | b'E' | b'Z' | b'S' => Some(SERVER_PREFIX),
+        b'1' | b'2' | b'3' | b'T' | b'n' | b'I' | b'V' | b's' | b'G' => Some(0),
         _ => None,
     }
 }
@@ -392,7 +436,8 @@ mod tests {
     }
 
     /// Pipelined: allowed, refused, allowed, a long one, then Terminate;
-    /// the server sees them in order with the refused one replaced.
+    /// the server sees them in order with the refused one replaced (and
+    /// judged only once what came before it was answered).
     #[tokio::test]
     async fn refuses_in_place_and_keeps_order() {
         let (mut client, mut proxy_client) = tokio::io::duplex(64);
@@ -419,10 +464,30 @@ mod tests {
             let mut rest = Vec::new();
             client.read_to_end(&mut rest).await.unwrap();
         });
+        // A server that answers each Query, so the held one is judged
+        // once `select 1` is answered (after the Flush the proxy adds).
         let mut got = Vec::new();
-        server.read_to_end(&mut got).await.unwrap();
+        loop {
+            let mut header = [0u8; 5];
+            if server.read_exact(&mut header).await.is_err() {
+                break;
+            }
+            let len = u32::from_be_bytes(header[1..].try_into().unwrap()) as usize;
+            let mut body = vec![0; len - 4];
+            server.read_exact(&mut body).await.unwrap();
+            got.extend_from_slice(&header);
+            got.extend_from_slice(&body);
+            if header[0] == b'Q' {
+                let mut answer = Vec::new();
+                answer.extend([b'C', 0, 0, 0, 13]);
+                answer.extend(b"SELECT 1\0");
+                answer.extend([b'Z', 0, 0, 0, 5, b'I']);
+                server.write_all(&answer).await.unwrap();
+            }
+        }
         let mut expect = Vec::new();
         expect.extend(q("select 1"));
+        expect.extend(FLUSH);
         expect.extend(q(GUARD_SQL));
         expect.extend(q("select 2"));
         expect.extend(q(&long));

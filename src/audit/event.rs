@@ -121,6 +121,11 @@ pub struct Statement {
     pub function_oid: Option<u32>,
     /// Why the proxy refused it, if it did.
     pub refused: Option<&'static str>,
+    /// False when the server lexes this text differently from the proxy
+    /// (standard_conforming_strings off, or a client encoding whose
+    /// characters can hold a quote byte): redaction then withholds a text
+    /// that mentions a password.
+    pub judgeable: bool,
 }
 
 /// What the server answered to one statement.
@@ -145,6 +150,9 @@ pub enum OutcomeKind {
         sqlstate: [u8; 5],
         message: SmallText,
     },
+    /// The server did not run the statement, and why (part 0: the whole
+    /// message).
+    NotRun(&'static str),
 }
 
 /// A short text kept inline (command tags, error messages cut at 240 bytes)

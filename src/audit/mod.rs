@@ -4,12 +4,15 @@
 //! - [`event`]: the records and their JSON.
 //! - [`tap`]: one session's statements, outcomes and guard verdicts, fed by
 //!   the forwarding pump ([`crate::gate`]).
+//! - [`model`]: what the server does with each client message (skips,
+//!   COPY, names), so each outcome lands on the statement that produced it.
 //! - [`writer`]: the writer thread: queue, hash chain, rotation, fsync.
 //! - [`redact`]: PostgreSQL's parser (libpg_query) for the guard, statement
 //!   splitting and password redaction.
 //! - [`verify`]: `rds-iam-proxy audit verify`.
 
 pub mod event;
+pub mod model;
 pub mod record;
 pub mod redact;
 pub mod tap;

@@ -23,17 +23,22 @@ pub fn mentions_password(text: &[u8]) -> bool {
 
 /// True if any statement in `text` sets a role's password: CREATE/ALTER
 /// ROLE, USER or GROUP with a PASSWORD option (ENCRYPTED or not, NULL
-/// included). Text the parser rejects is not a password change the server
-/// would run (same grammar), so it is false.
+/// included).
 pub fn is_password_change(text: &[u8]) -> bool {
+    password_change(text) == Some(true)
+}
+
+/// Whether `text` sets a role's password; `None` when it mentions a
+/// password but PostgreSQL's parser cannot read it (a syntax error, text
+/// that is not UTF-8, nesting past the decoder's limit): the guard refuses
+/// what it cannot judge.
+pub fn password_change(text: &[u8]) -> Option<bool> {
     if !mentions_password(text) {
-        return false;
+        return Some(false);
     }
-    let sql = String::from_utf8_lossy(text);
-    let Ok(parsed) = pg_query::parse(&sql) else {
-        return false;
-    };
-    parsed.protobuf.stmts.iter().any(|raw| {
+    let sql = std::str::from_utf8(text).ok()?;
+    let parsed = pg_query::parse(sql).ok()?;
+    Some(parsed.protobuf.stmts.iter().any(|raw| {
         let options = match raw.stmt.as_ref().and_then(|n| n.node.as_ref()) {
             Some(NodeEnum::CreateRoleStmt(s)) => &s.options,
             Some(NodeEnum::AlterRoleStmt(s)) => &s.options,
@@ -42,7 +47,7 @@ pub fn is_password_change(text: &[u8]) -> bool {
         options.iter().any(|o| {
             matches!(&o.node, Some(NodeEnum::DefElem(d)) if d.defname.eq_ignore_ascii_case("password"))
         })
-    })
+    }))
 }
 
 /// Splits a simple Query's text into its statements as byte ranges, the
@@ -98,28 +103,175 @@ impl AsRef<[u8]> for Shown<'_> {
     }
 }
 
-/// The text with every literal replaced by `$n` if it mentions a password
-/// (CREATE/ALTER ROLE, user mappings, dblink connection strings...). Text
-/// the parser cannot read is withheld whole rather than risk a secret.
+/// What stands in place of a secret value.
+pub const REDACTED: &str = "<redacted>";
+
+/// Text withheld whole: it mentions a password and the proxy cannot read
+/// it the way the server does.
+pub const WITHHELD: &str = "<withheld: mentions a password and could not be read>";
+
+/// The text with its secret values replaced by `'<redacted>'`, everything
+/// else verbatim (comments included). Secret values are what PostgreSQL's
+/// grammar reads as a password: the string after the PASSWORD keyword
+/// (CREATE/ALTER ROLE, USER, GROUP; `OPTIONS (password '...')` of user
+/// mappings, servers and wrappers), the value of `password=` in a
+/// connection-string literal (dblink, subscriptions), and the same inside
+/// a string that holds SQL (a DO block or a function body, an EXECUTE
+/// argument), read again as SQL. Text that mentions a password and that
+/// PostgreSQL's lexer cannot read is withheld whole.
 pub fn redact(text: &[u8]) -> Shown<'_> {
+    redact_as(text, true)
+}
+
+/// Like [`redact`]; `judgeable == false` (the server lexes the session's
+/// text differently: standard_conforming_strings off, or an encoding such
+/// as SJIS) withholds any text that mentions a password.
+pub fn redact_as(text: &[u8], judgeable: bool) -> Shown<'_> {
     if !mentions_password(text) {
         return Shown::Plain(text);
     }
-    match std::str::from_utf8(text)
-        .ok()
-        .and_then(|s| pg_query::normalize(s).ok())
-    {
-        Some(n) if !leaks_literal(&n) => Shown::Redacted(Cow::Owned(n)),
-        _ => Shown::Redacted(Cow::Borrowed(
-            "<withheld: mentions a password and could not be parsed>",
-        )),
+    if !judgeable {
+        return Shown::Redacted(Cow::Borrowed(WITHHELD));
+    }
+    let sql = String::from_utf8_lossy(text);
+    match redact_sql(&sql, 0) {
+        Some(out) if out == sql => Shown::Plain(text),
+        Some(out) => Shown::Redacted(Cow::Owned(out)),
+        None => Shown::Redacted(Cow::Borrowed(WITHHELD)),
     }
 }
 
-/// A normalized text still holding a quoted literal (normalize leaves
-/// some utility-statement options alone) is not safe to show.
-fn leaks_literal(normalized: &str) -> bool {
-    normalized.contains('\'') || normalized.contains("$$")
+/// A parameter value (not SQL): withheld when it mentions a password.
+pub fn redact_value(v: &[u8]) -> Shown<'_> {
+    if mentions_password(v) {
+        Shown::Redacted(Cow::Borrowed(REDACTED))
+    } else {
+        Shown::Plain(v)
+    }
+}
+
+/// How deep strings holding SQL are read again (a DO block holding an
+/// EXECUTE of a string is depth 2).
+const MAX_DEPTH: u32 = 4;
+
+fn redact_sql(sql: &str, depth: u32) -> Option<String> {
+    use pg_query::protobuf::Token;
+    let tokens = pg_query::scan(sql).ok()?.tokens;
+    let mut out = String::with_capacity(sql.len());
+    let mut copied = 0;
+    let mut prev = Token::Nul;
+    let mut prev_text = "";
+    for t in &tokens {
+        let kind = Token::try_from(t.token).unwrap_or(Token::Nul);
+        if matches!(kind, Token::SqlComment | Token::CComment) {
+            continue;
+        }
+        let (start, end) = (usize::try_from(t.start).ok()?, usize::try_from(t.end).ok()?);
+        let literal = sql.get(start..end)?;
+        // `password 'x'`; a quoted "password" is an identifier to the
+        // lexer but the same option name to the grammar.
+        let after_keyword = prev == Token::Password
+            || (prev == Token::Ident
+                && prev_text.trim_matches('"').eq_ignore_ascii_case("password"));
+        prev_text = literal;
+        prev = kind;
+        if !matches!(kind, Token::Sconst | Token::Usconst) {
+            continue;
+        }
+        let replacement = if after_keyword {
+            Some(format!("'{REDACTED}'"))
+        } else if mentions_password(literal.as_bytes()) {
+            redact_literal(literal, depth)
+        } else {
+            None
+        };
+        if let Some(r) = replacement {
+            out.push_str(&sql[copied..start]);
+            out.push_str(&r);
+            copied = end;
+        }
+    }
+    out.push_str(&sql[copied..]);
+    Some(out)
+}
+
+/// A string literal that mentions a password: its `password=` values
+/// redacted, and, read as SQL, its secret values redacted. `None` when
+/// nothing in it is secret.
+fn redact_literal(literal: &str, depth: u32) -> Option<String> {
+    let (open, body, close, doubled) = if let Some(rest) = literal.strip_prefix('\'') {
+        ("'", rest.strip_suffix('\'')?, "'", true)
+    } else if let Some(after) = literal.strip_prefix('$') {
+        let tag_end = after.find('$')? + 2;
+        let tag = &literal[..tag_end];
+        let body = literal.get(tag_end..literal.len().checked_sub(tag_end)?)?;
+        (tag, body, tag, false)
+    } else {
+        // E'', U&'' and other forms: withhold the literal whole.
+        return Some(format!("'{REDACTED}'"));
+    };
+    let inner = if doubled {
+        Cow::Owned(body.replace("''", "'"))
+    } else {
+        Cow::Borrowed(body)
+    };
+    let mut changed = redact_conninfo(&inner);
+    if depth < MAX_DEPTH
+        && let Some(sql) = redact_sql(changed.as_deref().unwrap_or(&inner), depth + 1)
+        && sql != changed.as_deref().unwrap_or(&inner)
+    {
+        changed = Some(sql);
+    }
+    let new = changed?;
+    let new = if doubled {
+        new.replace('\'', "''")
+    } else {
+        new
+    };
+    Some(format!("{open}{new}{close}"))
+}
+
+/// `password=VALUE` pairs of a libpq connection string (VALUE bare or
+/// single-quoted) with VALUE redacted.
+fn redact_conninfo(s: &str) -> Option<String> {
+    let lower = s.to_ascii_lowercase();
+    let mut out = String::new();
+    let mut copied = 0;
+    let mut from = 0;
+    while let Some(i) = lower[from..].find("password") {
+        let key = from + i;
+        from = key + 8;
+        let rest = &s[from..];
+        let eq = rest.len() - rest.trim_start().len();
+        if !rest[eq..].starts_with('=') {
+            continue;
+        }
+        let value_start = from + eq + 1;
+        let value_start =
+            value_start + (s[value_start..].len() - s[value_start..].trim_start().len());
+        let value_end = if s[value_start..].starts_with('\'') {
+            // A quoted value ends at the next unescaped quote.
+            let b = s.as_bytes();
+            let mut j = value_start + 1;
+            while j < b.len() && b[j] != b'\'' {
+                j += if b[j] == b'\\' { 2 } else { 1 };
+            }
+            (j + 1).min(b.len())
+        } else {
+            s[value_start..]
+                .find(char::is_whitespace)
+                .map_or(s.len(), |e| value_start + e)
+        };
+        out.push_str(&s[copied..value_start]);
+        out.push_str(REDACTED);
+        copied = value_end;
+        from = value_end.max(from);
+    }
+    if copied == 0 {
+        return None;
+    }
+    out.push_str(&s[copied..]);
+    Some(out)
 }
 
 #[cfg(test)]
@@ -216,6 +368,69 @@ mod tests {
         assert!(matches!(redact(b"select 1"), Shown::Plain(b"select 1")));
         let s = redact(b"password 'oops' not sql");
         assert!(!std::str::from_utf8(s.as_ref()).unwrap().contains("oops"));
+    }
+
+    fn shown(sql: &str) -> String {
+        String::from_utf8(redact(sql.as_bytes()).as_ref().to_vec()).unwrap()
+    }
+
+    /// Scenario 3 of the audit-fidelity issue: only secret values go; a
+    /// statement that merely mentions the word stays verbatim.
+    #[test]
+    fn redacts_only_the_secret_values() {
+        for sql in [
+            "DELETE FROM payroll WHERE emp='ceo' -- password",
+            "DO $$BEGIN /* password */ PERFORM 1; END$$",
+            "select 'forgot your password?' as hint",
+            "create table t (password text)",
+        ] {
+            assert_eq!(shown(sql), sql);
+            assert!(!redact(sql.as_bytes()).is_redacted(), "{sql}");
+        }
+        let cases = [
+            (
+                "ALTER USER alice WITH ENCRYPTED PASSWORD 'SCRAM-SHA-256$4096:abc' VALID UNTIL '2030-01-01'",
+                "ALTER USER alice WITH ENCRYPTED PASSWORD '<redacted>' VALID UNTIL '2030-01-01'",
+            ),
+            (
+                "create role bob login password $x$hunter2$x$ /* rotate */",
+                "create role bob login password '<redacted>' /* rotate */",
+            ),
+            (
+                "CREATE USER MAPPING FOR x SERVER s OPTIONS (user 'u', password 'hunter2')",
+                "CREATE USER MAPPING FOR x SERVER s OPTIONS (user 'u', password '<redacted>')",
+            ),
+            (
+                "ALTER USER MAPPING FOR x SERVER s OPTIONS (SET \"password\" 'hunter2')",
+                "ALTER USER MAPPING FOR x SERVER s OPTIONS (SET \"password\" '<redacted>')",
+            ),
+            (
+                "select dblink_connect('host=db user=u password=hunter2 dbname=x')",
+                "select dblink_connect('host=db user=u password=<redacted> dbname=x')",
+            ),
+            (
+                "CREATE SUBSCRIPTION s CONNECTION 'password = ''hun ter'' host=h' PUBLICATION p",
+                "CREATE SUBSCRIPTION s CONNECTION 'password = <redacted> host=h' PUBLICATION p",
+            ),
+            (
+                "DO $$BEGIN EXECUTE 'ALTER USER a PASSWORD ''x'''; END$$ -- keep",
+                "DO $$BEGIN EXECUTE 'ALTER USER a PASSWORD ''<redacted>'''; END$$ -- keep",
+            ),
+        ];
+        for (sql, want) in cases {
+            assert_eq!(shown(sql), want);
+            assert!(redact(sql.as_bytes()).is_redacted());
+        }
+        // What the lexer cannot read, or reads differently, is withheld.
+        assert_eq!(shown("ALTER USER a PASSWORD 'unterminated"), WITHHELD);
+        assert_eq!(
+            std::str::from_utf8(redact_as(b"select 'password'", false).as_ref()).unwrap(),
+            WITHHELD
+        );
+        assert_eq!(
+            std::str::from_utf8(redact_value(b"my password is x").as_ref()).unwrap(),
+            REDACTED
+        );
     }
 
     #[test]

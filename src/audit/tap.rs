@@ -4,16 +4,17 @@
 //!
 //! The forwarding pump calls [`SessionTap::client_message`] for each
 //! inspected client message before forwarding it and
-//! [`SessionTap::server_message`] for each inspected server message. State
-//! is a few maps and one queue, reused for the whole session.
+//! [`SessionTap::server_message`] for each inspected server message. What
+//! the server does with each message (skips, COPY, which names exist) is
+//! the [`Model`]'s job; the tap decides what to record and what to refuse.
 
-use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::SystemTime;
 
 use tokio::sync::oneshot;
 
-use super::event::{Event, Outcome, OutcomeKind, Protocol, SmallText, Statement, Text};
+use super::event::{Event, Outcome, Protocol, Statement, Text};
+use super::model::{Answer, Lexing, Model, Portal, Prepared, Sent};
 use super::{Auditor, Mode, redact};
 use crate::pg::messages;
 
@@ -28,6 +29,9 @@ pub enum Verdict {
     Wait(oneshot::Receiver<bool>),
     /// End the session with this FATAL message to the client.
     Close(&'static str),
+    /// Not yet: judge the message again once the server has answered more
+    /// (the model cannot yet tell what it will run, or how it will lex it).
+    Hold,
 }
 
 /// The SQL sent in place of a refused password change: the server raises
@@ -40,6 +44,13 @@ pub const GUARD_SQL: &str = "DO $rds_iam_proxy$BEGIN RAISE EXCEPTION USING ERRCO
 
 /// Sent in place of a statement whose audit record could not be written
 /// in synchronous mode.
+/// Sent in place of a statement that mentions a password but that the
+/// guard cannot read the way the server will (a parse failure, or lexing
+/// settings it cannot follow): refused rather than forwarded unchecked.
+pub const GUARD_UNREADABLE_SQL: &str = "DO $rds_iam_proxy$BEGIN RAISE EXCEPTION USING ERRCODE = '42501', \
+    MESSAGE = 'statement refused: it mentions a password and rds-iam-proxy cannot read it the way the server would', \
+    HINT = 'check the syntax; with standard_conforming_strings off or a client encoding such as SJIS or BIG5 the password guard cannot judge a statement that mentions a password'; END$rds_iam_proxy$";
+
 pub const SINK_FAILED_SQL: &str = "DO $rds_iam_proxy$BEGIN RAISE EXCEPTION USING ERRCODE = '58030', \
     MESSAGE = 'statement refused: rds-iam-proxy cannot write its audit log', \
     HINT = 'the proxy audits synchronously and fails closed; the operator must check the audit directory (disk full?)'; END$rds_iam_proxy$";
@@ -47,35 +58,10 @@ pub const SINK_FAILED_SQL: &str = "DO $rds_iam_proxy$BEGIN RAISE EXCEPTION USING
 pub const SINK_FAILED_FATAL: &str =
     "rds-iam-proxy cannot write its audit log and audits synchronously: the session is closed";
 
-#[derive(Debug, Clone)]
-struct Prepared {
-    name: Option<Arc<[u8]>>,
-    text: Text,
-    refused: bool,
-}
-
-#[derive(Debug, Clone)]
-struct Portal {
-    statement: Option<Prepared>,
-    params: Option<Vec<Option<String>>>,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Pending {
-    /// A Query: outcomes count parts until ReadyForQuery.
-    Simple {
-        n: u64,
-        part: u32,
-    },
-    /// An Execute: one outcome, or none if an earlier error discarded it.
-    Exec {
-        n: u64,
-    },
-    Function {
-        n: u64,
-    },
-    Sync,
-}
+/// Text recorded for an Execute or Bind whose statement the proxy does
+/// not know (prepared before its maps could hold it, or a SQL cursor it
+/// could not read): never another statement's text.
+const UNKNOWN_STATEMENT: &[u8] = b"<statement not known to rds-iam-proxy>";
 
 /// Per-session audit state.
 #[derive(Debug)]
@@ -83,28 +69,40 @@ pub struct SessionTap {
     conn: u64,
     auditor: Arc<Auditor>,
     n: u64,
-    statements: HashMap<Box<[u8]>, Prepared>,
-    unnamed: Option<Prepared>,
-    portals: HashMap<Box<[u8]>, Portal>,
-    unnamed_portal: Option<Portal>,
-    pending: VecDeque<Pending>,
+    model: Model,
     /// Refused statements (for the session end and tests).
     pub refused: u64,
 }
 
+/// The guard's reading of one statement text.
+enum Guard {
+    Pass,
+    /// A password change: refused.
+    Change,
+    /// Mentions a password and cannot be read as the server will.
+    Unreadable,
+}
+
 impl SessionTap {
     pub fn new(conn: u64, auditor: Arc<Auditor>) -> Self {
+        let names = auditor.sink.is_some();
         Self {
             conn,
             auditor,
             n: 0,
-            statements: HashMap::new(),
-            unnamed: None,
-            portals: HashMap::new(),
-            unnamed_portal: None,
-            pending: VecDeque::with_capacity(64),
+            model: Model::new(Lexing::default(), names),
             refused: 0,
         }
+    }
+
+    /// The ParameterStatus messages of the login (lexing settings).
+    pub fn greeting(&mut self, greeting: &[u8]) {
+        let mut capture = messages::Capture::new(u32::MAX, 1024);
+        let _ = capture.feed(
+            greeting,
+            |t| (t == b'S').then_some(1024),
+            |_, b| self.model.lexing.observe(b),
+        );
     }
 
     /// True when records are written (not only the guard).
@@ -116,8 +114,18 @@ impl SessionTap {
         self.auditor.sink.is_some()
     }
 
-    fn guard_refuses(&self, text: &[u8]) -> bool {
-        self.auditor.config.password_guard && redact::is_password_change(text)
+    fn guard(&self, text: &[u8]) -> Guard {
+        if !self.auditor.config.password_guard || !redact::mentions_password(text) {
+            return Guard::Pass;
+        }
+        if !self.model.lexing.judgeable() {
+            return Guard::Unreadable;
+        }
+        match redact::password_change(text) {
+            Some(true) => Guard::Change,
+            Some(false) => Guard::Pass,
+            None => Guard::Unreadable,
+        }
     }
 
     /// Hands a statement to the sink: queued (async), or with a wait for
@@ -146,7 +154,34 @@ impl SessionTap {
             params: None,
             function_oid: None,
             refused: None,
+            judgeable: self.model.lexing.judgeable(),
         }
+    }
+
+    /// Pushes a message into the model and writes the outcomes it yields.
+    fn push(&mut self, sent: Sent) {
+        let sink = self.auditor.sink.clone();
+        let conn = self.conn;
+        self.model
+            .push(sent, &mut |a| write_answer(sink.as_deref(), conn, a));
+    }
+
+    /// The parameters of a Bind or FunctionCall as recorded.
+    fn params(&self, b: &messages::Bind<'_>, complete: bool) -> Option<Vec<Option<String>>> {
+        self.auditor.config.parameters.then(|| {
+            b.params()
+                .map(|p| {
+                    p.map(|(v, text)| {
+                        if text {
+                            String::from_utf8_lossy(v).into_owned()
+                        } else {
+                            format!("<binary {} bytes>", v.len())
+                        }
+                    })
+                })
+                .chain((!complete).then(|| Some("<cut>".to_owned())))
+                .collect()
+        })
     }
 
     /// A client message, complete or (`complete == false`) a prefix of a
@@ -159,107 +194,124 @@ impl SessionTap {
         inject: &mut Vec<u8>,
     ) -> Verdict {
         let cap = self.auditor.config.max_statement_bytes;
+        let logging = self.logging();
         match tag {
-            b'Q' => {
-                let Ok(text) = messages::query(body) else {
+            b'Q' | b'P' => {
+                let parsed = if tag == b'Q' {
+                    messages::query(body).map(|t| (&b""[..], t))
+                } else {
+                    messages::parse(body)
+                };
+                // The server refuses a malformed message itself.
+                let Ok((name, text)) = parsed else {
                     return Verdict::Forward;
                 };
-                let refuse = self.guard_refuses(text);
-                if refuse {
-                    self.refused += 1;
+                // What runs before this could change how the server lexes
+                // it: judge a text that mentions a password only once
+                // everything before it is answered.
+                if self.auditor.config.password_guard
+                    && !self.model.idle()
+                    && self.model.discarding().is_none()
+                    && redact::mentions_password(text)
+                {
+                    return Verdict::Hold;
                 }
-                // With the guard alone nothing reads the text or the
-                // outcomes (the pump feeds server messages only when
-                // logging), so nothing is recorded or queued.
-                let wait = if self.logging() {
-                    let mut st = self.statement(Protocol::Simple, Text::capture(text, cap));
-                    if refuse {
-                        st.refused = Some("password change");
-                    }
-                    let n = st.n;
-                    let wait = self.emit(st);
-                    self.pending.push_back(Pending::Simple { n, part: 0 });
-                    wait
-                } else {
-                    None
+                let guard = self.guard(text);
+                let refused = match guard {
+                    Guard::Pass => None,
+                    Guard::Change => Some("password change"),
+                    Guard::Unreadable => Some("unreadable text mentioning a password"),
                 };
-                if refuse {
+                let mut wait = None;
+                if tag == b'Q' {
+                    let text = if logging {
+                        Text::capture(text, cap)
+                    } else {
+                        Text::capture(b"", 0)
+                    };
+                    let mut n = 0;
+                    if logging {
+                        let mut st = self.statement(Protocol::Simple, text.clone());
+                        st.refused = refused;
+                        n = st.n;
+                        // A statement the server will not run needs no wait.
+                        let runs = self.model.discarding().is_none();
+                        wait = self.emit(st).filter(|_| runs);
+                    }
+                    self.push(Sent::Query { n, text });
+                } else {
+                    let value = Prepared {
+                        name: (!name.is_empty()).then(|| Arc::from(name)),
+                        text: if logging {
+                            Text::capture(text, cap)
+                        } else {
+                            Text::capture(b"", 0)
+                        },
+                        refused: refused.is_some(),
+                    };
+                    self.push(Sent::Parse {
+                        name: name.into(),
+                        value,
+                    });
+                }
+                if refused.is_some() {
+                    self.refused += 1;
+                    let sql = match guard {
+                        Guard::Change => GUARD_SQL,
+                        _ => GUARD_UNREADABLE_SQL,
+                    };
                     inject.clear();
-                    messages::write_query(inject, GUARD_SQL);
+                    if tag == b'Q' {
+                        messages::write_query(inject, sql);
+                    } else {
+                        messages::write_parse(inject, name, sql);
+                    }
                     return Verdict::Replace;
                 }
                 wait.map_or(Verdict::Forward, Verdict::Wait)
             }
-            b'P' => {
-                let Ok((name, text)) = messages::parse(body) else {
+            b'B' => {
+                if self.model.must_wait() {
+                    return Verdict::Hold;
+                }
+                let Ok(b) = messages::bind(body) else {
                     return Verdict::Forward;
                 };
-                let refused = self.guard_refuses(text);
-                if self.logging() || refused {
-                    let prepared = Prepared {
-                        name: (!name.is_empty()).then(|| Arc::from(name)),
-                        text: Text::capture(text, cap),
-                        refused,
-                    };
-                    if name.is_empty() {
-                        self.unnamed = Some(prepared);
+                let value = Portal {
+                    statement: self.model.statement(b.statement).cloned(),
+                    params: if logging {
+                        self.params(&b, complete)
                     } else {
-                        self.statements.insert(name.into(), prepared);
-                    }
-                }
-                if refused {
-                    self.refused += 1;
-                    inject.clear();
-                    messages::write_parse(inject, name, GUARD_SQL);
-                    return Verdict::Replace;
-                }
-                Verdict::Forward
-            }
-            b'B' if self.logging() => {
-                if let Ok(b) = messages::bind(body) {
-                    let statement = if b.statement.is_empty() {
-                        self.unnamed.clone()
-                    } else {
-                        self.statements.get(b.statement).cloned()
-                    };
-                    let params = self.auditor.config.parameters.then(|| {
-                        b.params()
-                            .map(|p| {
-                                p.map(|(v, text)| {
-                                    if text {
-                                        String::from_utf8_lossy(v).into_owned()
-                                    } else {
-                                        format!("<binary {} bytes>", v.len())
-                                    }
-                                })
-                            })
-                            .chain((!complete).then(|| Some("<cut>".to_owned())))
-                            .collect()
-                    });
-                    let portal = Portal { statement, params };
-                    if b.portal.is_empty() {
-                        self.unnamed_portal = Some(portal);
-                    } else {
-                        self.portals.insert(b.portal.into(), portal);
-                    }
-                }
-                Verdict::Forward
-            }
-            b'E' if self.logging() => {
-                let portal = match messages::execute(body) {
-                    Ok([]) => self.unnamed_portal.clone(),
-                    Ok(p) => self.portals.get(p).cloned(),
-                    Err(_) => None,
+                        None
+                    },
                 };
+                self.push(Sent::Bind {
+                    portal: b.portal.into(),
+                    value,
+                });
+                Verdict::Forward
+            }
+            b'E' => {
+                if self.model.must_wait() {
+                    return Verdict::Hold;
+                }
+                if !logging {
+                    self.push(Sent::Execute { n: 0, text: None });
+                    return Verdict::Forward;
+                }
+                let portal = messages::execute(body)
+                    .ok()
+                    .and_then(|p| self.model.portal(p))
+                    .cloned();
                 let (prepared, params) = match portal {
                     Some(Portal { statement, params }) => (statement, params),
                     None => (None, None),
                 };
                 let text = match &prepared {
                     Some(p) => p.text.clone(),
-                    None => Text::capture(b"<unknown portal>", cap),
+                    None => Text::capture(UNKNOWN_STATEMENT, cap),
                 };
-                let mut st = self.statement(Protocol::Extended, text);
+                let mut st = self.statement(Protocol::Extended, text.clone());
                 if let Some(p) = &prepared {
                     st.name = p.name.clone();
                     if p.refused {
@@ -268,34 +320,49 @@ impl SessionTap {
                 }
                 st.params = params;
                 let n = st.n;
-                self.pending.push_back(Pending::Exec { n });
-                self.emit(st).map_or(Verdict::Forward, Verdict::Wait)
+                let runs = self.model.discarding().is_none();
+                let wait = self.emit(st).filter(|_| runs);
+                self.push(Sent::Execute {
+                    n,
+                    text: prepared.map(|p| p.text),
+                });
+                wait.map_or(Verdict::Forward, Verdict::Wait)
             }
-            b'F' if self.logging() => {
+            b'F' => {
+                if !logging {
+                    self.push(Sent::Function { n: 0 });
+                    return Verdict::Forward;
+                }
                 let mut st = self.statement(Protocol::Function, Text::capture(b"", cap));
-                st.function_oid = messages::function_call(body).ok();
+                if let Ok((oid, args)) = messages::function_call_args(body) {
+                    st.function_oid = Some(oid);
+                    st.params = self.params(&args, complete);
+                }
                 let n = st.n;
-                self.pending.push_back(Pending::Function { n });
-                self.emit(st).map_or(Verdict::Forward, Verdict::Wait)
+                let runs = self.model.discarding().is_none();
+                let wait = self.emit(st).filter(|_| runs);
+                self.push(Sent::Function { n });
+                wait.map_or(Verdict::Forward, Verdict::Wait)
             }
-            b'C' if self.logging() => {
+            b'C' => {
                 if let Ok((kind, name)) = messages::close(body) {
-                    match (kind, name.is_empty()) {
-                        (b'S', true) => self.unnamed = None,
-                        (b'S', false) => {
-                            self.statements.remove(name);
-                        }
-                        (b'P', true) => self.unnamed_portal = None,
-                        (b'P', false) => {
-                            self.portals.remove(name);
-                        }
-                        _ => {}
-                    }
+                    self.push(Sent::Close {
+                        kind,
+                        name: name.into(),
+                    });
                 }
                 Verdict::Forward
             }
-            b'S' if self.logging() => {
-                self.pending.push_back(Pending::Sync);
+            b'D' => {
+                self.push(Sent::Describe);
+                Verdict::Forward
+            }
+            b'S' => {
+                self.push(Sent::Sync);
+                Verdict::Forward
+            }
+            b'c' | b'f' => {
+                self.push(Sent::CopyEnd);
                 Verdict::Forward
             }
             _ => Verdict::Forward,
@@ -317,81 +384,30 @@ impl SessionTap {
 
     /// A server message (its body possibly cut to a prefix).
     pub fn server_message(&mut self, tag: u8, body: &[u8]) {
-        let Some(sink) = self.auditor.sink.as_ref() else {
-            return;
-        };
-        let result = match tag {
-            b'C' => {
-                let t = messages::command_complete(body).unwrap_or(body);
-                OutcomeKind::Complete {
-                    tag: SmallText::new(t),
-                    rows: messages::tag_rows(t),
-                }
-            }
-            b'I' => OutcomeKind::Empty,
-            b'V' => OutcomeKind::Complete {
-                tag: SmallText::new(b"FUNCTION CALL"),
-                rows: None,
-            },
-            b's' => OutcomeKind::Complete {
-                tag: SmallText::new(b"PORTAL SUSPENDED"),
-                rows: None,
-            },
-            b'E' => {
-                let (code, message) = messages::error_fields(body);
-                let mut sqlstate = [b'?'; 5];
-                if code.len() == 5 {
-                    sqlstate.copy_from_slice(code);
-                }
-                OutcomeKind::Error {
-                    sqlstate,
-                    message: SmallText::new(message),
-                }
-            }
-            b'Z' => {
-                // Everything up to the Sync, Query or FunctionCall this
-                // answers is finished; Executes still queued were
-                // discarded after an error.
-                while let Some(p) = self.pending.pop_front() {
-                    if !matches!(p, Pending::Exec { .. }) {
-                        break;
-                    }
-                }
-                return;
-            }
-            _ => return,
-        };
-        let is_error = matches!(result, OutcomeKind::Error { .. });
-        let (n, part) = match self.pending.front_mut() {
-            Some(Pending::Simple { n, part }) => {
-                *part += 1;
-                (*n, *part)
-            }
-            Some(&mut Pending::Exec { n }) => {
-                self.pending.pop_front();
-                if is_error {
-                    // The server skips the rest until Sync: those Executes
-                    // get no outcome.
-                    while matches!(self.pending.front(), Some(Pending::Exec { .. })) {
-                        self.pending.pop_front();
-                    }
-                }
-                (n, 1)
-            }
-            Some(&mut Pending::Function { n }) => (n, 1),
-            // An error outside any statement (e.g. a Bind error before
-            // Sync with no Execute, or a FATAL): recorded with n = 0.
-            _ if is_error => (0, 0),
-            _ => return,
-        };
-        sink.push(Event::Outcome(Box::new(Outcome {
-            conn: self.conn,
-            time: SystemTime::now(),
-            n,
-            part,
-            result,
-        })));
+        let sink = self.auditor.sink.clone();
+        let conn = self.conn;
+        self.model
+            .server(tag, body, &mut |a| write_answer(sink.as_deref(), conn, a));
     }
+
+    /// Server messages that matched nothing the model expected.
+    pub fn unmatched(&self) -> u64 {
+        self.model.unmatched
+    }
+}
+
+fn write_answer(sink: Option<&super::Sink>, conn: u64, a: Answer) {
+    let Some(sink) = sink else {
+        return;
+    };
+    // Statements the guard alone tracks have no number: nothing to record.
+    sink.push(Event::Outcome(Box::new(Outcome {
+        conn,
+        time: SystemTime::now(),
+        n: a.n,
+        part: a.part,
+        result: a.kind,
+    })));
 }
 
 /// Whether a tap is needed at all for this auditor.
@@ -422,6 +438,8 @@ mod tests {
             t.client_message(b'Q', &q[5..], true, &mut inject),
             Verdict::Forward
         ));
+        t.server_message(b'C', b"SELECT 1\0");
+        t.server_message(b'Z', b"I");
         q.clear();
         messages::write_query(&mut q, "select 1; ALTER USER me PASSWORD 'SCRAM-SHA-256$x'");
         assert!(matches!(
@@ -431,6 +449,8 @@ mod tests {
         let mut expect = Vec::new();
         messages::write_query(&mut expect, GUARD_SQL);
         assert_eq!(inject, expect);
+        t.server_message(b'E', b"C42501\0Mrefused\0\0");
+        t.server_message(b'Z', b"I");
         let mut p = Vec::new();
         messages::write_parse(&mut p, b"s1", "alter role me password 'x'");
         assert!(matches!(
@@ -443,22 +463,93 @@ mod tests {
         assert_eq!(t.refused, 2);
     }
 
-    /// The guard alone keeps no state per statement: a long session of
-    /// simple queries must not grow the outcome queue nobody drains.
+    /// The guard alone keeps no records and no names: a long session of
+    /// answered queries leaves nothing queued.
     #[test]
     fn guard_alone_keeps_nothing_per_statement() {
         let mut t = tap();
         let mut inject = Vec::new();
         let mut q = Vec::new();
         messages::write_query(&mut q, "select 1");
+        let mut p = Vec::new();
+        messages::write_parse(&mut p, b"", "select 1");
         for _ in 0..10_000 {
             assert!(matches!(
                 t.client_message(b'Q', &q[5..], true, &mut inject),
                 Verdict::Forward
             ));
+            t.client_message(b'P', &p[5..], true, &mut inject);
+            t.server_message(b'C', b"SELECT 1\0");
+            t.server_message(b'Z', b"I");
+            t.server_message(b'1', b"");
         }
-        assert_eq!(t.pending.len(), 0);
+        assert_eq!(t.model.queued(), 0);
+        assert_eq!(t.model.unmatched, 0);
         assert_eq!(t.n, 0);
         assert!(inject.is_empty());
+    }
+
+    /// A statement that mentions a password waits until what was sent
+    /// before it is answered (it could change how the server lexes), and
+    /// is refused when the server reports standard_conforming_strings off.
+    #[test]
+    fn guard_judges_with_the_servers_lexing() {
+        let mut t = tap();
+        let mut inject = Vec::new();
+        let mut q = Vec::new();
+        messages::write_query(&mut q, "set standard_conforming_strings = off");
+        t.client_message(b'Q', &q[5..], true, &mut inject);
+        let mut q2 = Vec::new();
+        let tricky = r"SELECT '\' , ' ; CREATE ROLE x LOGIN PASSWORD $$pw$$ ; SELECT '--'";
+        messages::write_query(&mut q2, tricky);
+        assert!(matches!(
+            t.client_message(b'Q', &q2[5..], true, &mut inject),
+            Verdict::Hold
+        ));
+        t.server_message(b'S', b"standard_conforming_strings\0off\0");
+        t.server_message(b'C', b"SET\0");
+        t.server_message(b'Z', b"I");
+        assert!(matches!(
+            t.client_message(b'Q', &q2[5..], true, &mut inject),
+            Verdict::Replace
+        ));
+        let mut expect = Vec::new();
+        messages::write_query(&mut expect, GUARD_UNREADABLE_SQL);
+        assert_eq!(inject, expect);
+        // Back on: the same text is one statement with a literal.
+        t.server_message(b'C', b"DO\0");
+        t.server_message(b'Z', b"I");
+        t.server_message(b'S', b"standard_conforming_strings\0on\0");
+        assert!(matches!(
+            t.client_message(b'Q', &q2[5..], true, &mut inject),
+            Verdict::Forward
+        ));
+    }
+
+    /// Text that mentions a password and that the parser cannot read is
+    /// refused, not forwarded unchecked.
+    #[test]
+    fn guard_refuses_what_it_cannot_read() {
+        let mut t = tap();
+        let mut inject = Vec::new();
+        let deep = format!(
+            "select {}1{} -- password",
+            "abs(".repeat(500),
+            ")".repeat(500)
+        );
+        for sql in ["ALTER USER alice PASSWORD", deep.as_str()] {
+            let mut q = Vec::new();
+            messages::write_query(&mut q, sql);
+            assert!(
+                matches!(
+                    t.client_message(b'Q', &q[5..], true, &mut inject),
+                    Verdict::Replace
+                ),
+                "{}",
+                &sql[..40.min(sql.len())]
+            );
+            t.server_message(b'E', b"C42501\0Mrefused\0\0");
+            t.server_message(b'Z', b"I");
+        }
     }
 }

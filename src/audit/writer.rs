@@ -514,7 +514,7 @@ impl Writer {
                 for i in 0..count {
                     let (a, b) = self.parts[i];
                     let part = &text[a..b];
-                    let shown = redact::redact(part);
+                    let shown = redact::redact_as(part, s.judgeable);
                     let params = if self.config.parameters {
                         s.params.as_ref()
                     } else {
@@ -563,6 +563,9 @@ impl Writer {
                     OutcomeKind::Error { sqlstate, message } => {
                         o.str("sqlstate", sqlstate).str("error", message.as_bytes());
                     }
+                    OutcomeKind::NotRun(why) => {
+                        o.str("not_executed", why);
+                    }
                 }
             }),
             Event::SessionEnd(e) => self.record("session_end", e.time, |o| {
@@ -587,7 +590,7 @@ fn params_json(params: &[Option<String>]) -> String {
             out.push(b',');
         }
         match p {
-            Some(v) => json_str(&mut out, redact::redact(v.as_bytes()).as_ref()),
+            Some(v) => json_str(&mut out, redact::redact_value(v.as_bytes()).as_ref()),
             None => out.extend_from_slice(b"null"),
         }
     }

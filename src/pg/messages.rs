@@ -132,6 +132,27 @@ pub fn function_call(body: &[u8]) -> Result<u32, BodyError> {
     Ok(i32_at(body, b'F')?.0 as u32)
 }
 
+/// 'F' FunctionCall: the OID and the arguments, which have Bind's layout
+/// (format codes, then values); the returned Bind has empty names.
+pub fn function_call_args(body: &[u8]) -> Result<(u32, Bind<'_>), BodyError> {
+    let (oid, rest) = i32_at(body, b'F')?;
+    let (nf, rest) = u16_at(rest, b'F')?;
+    let flen = nf as usize * 2;
+    let formats = rest.get(..flen).unwrap_or(rest);
+    let rest = rest.get(flen..).unwrap_or(&[]);
+    let (params, values) = u16_at(rest, b'F').unwrap_or((0, &[]));
+    Ok((
+        oid as u32,
+        Bind {
+            portal: b"",
+            statement: b"",
+            formats,
+            params,
+            values,
+        },
+    ))
+}
+
 /// 'C' CommandComplete (server): the command tag.
 pub fn command_complete(body: &[u8]) -> Result<&[u8], BodyError> {
     Ok(cstr(body, b'C')?.0)
@@ -357,6 +378,14 @@ mod tests {
         assert_eq!(close(b"Sname\0").unwrap(), (b'S', &b"name"[..]));
         assert_eq!(function_call(&[0, 0, 4, 210, 0, 0]).unwrap(), 1234);
         assert!(function_call(&[0]).is_err());
+        // oid 1234, one text format, two arguments ('ab', NULL), result text.
+        let f = [
+            0, 0, 4, 210, 0, 1, 0, 0, 0, 2, 0, 0, 0, 2, b'a', b'b', 255, 255, 255, 255, 0, 0,
+        ];
+        let (oid, args) = function_call_args(&f).unwrap();
+        assert_eq!(oid, 1234);
+        let got: Vec<_> = args.params().collect();
+        assert_eq!(got, [Some((&b"ab"[..], true)), None]);
         assert_eq!(command_complete(b"INSERT 0 5\0").unwrap(), b"INSERT 0 5");
         assert_eq!(tag_rows(b"INSERT 0 5"), Some(5));
         assert_eq!(tag_rows(b"SELECT 3"), Some(3));
