@@ -9,8 +9,9 @@
 //!   read all of their text before a byte is forwarded; the tap may have
 //!   them replaced, or (sync audit) forwarded only once their record is
 //!   durable.
-//! - Bind, Execute, Close, FunctionCall and Sync are judged on their first
-//!   [`PREFIX`] bytes; the rest streams.
+//! - Bind, Execute, Close, Describe, FunctionCall, Sync, CopyDone and
+//!   CopyFail are judged on their first [`PREFIX`] bytes; the rest
+//!   streams.
 //! - Everything else (CopyData, ...) streams untouched.
 //!
 //! The buffer is reused. It starts at 4 KiB, grows to 16 KiB the first
@@ -126,7 +127,10 @@ impl Gate {
         let frame_len = h.frame_len();
         let need = match h.tag {
             b'Q' | b'P' => frame_len,
-            b'B' | b'E' | b'C' | b'F' | b'S' => frame_len.min(HEADER_LEN + PREFIX),
+            // Everything the server answers, or that ends a COPY.
+            b'B' | b'E' | b'C' | b'F' | b'S' | b'D' | b'c' | b'f' => {
+                frame_len.min(HEADER_LEN + PREFIX)
+            }
             _ => 0,
         };
         if need > HOLD_LIMIT {

@@ -379,7 +379,14 @@ impl Model {
             }
             Sent::Describe => Expect::Describe,
             Sent::Execute { n, text } => Expect::Execute { n, text },
-            Sent::Query { n, text } => Expect::Query { n, part: 0, text },
+            Sent::Query { n, text } => {
+                // A Query replaces the unnamed statement and portal.
+                if self.names {
+                    self.assumed_statements.insert(Box::default(), None);
+                    self.assumed_portals.insert(Box::default(), None);
+                }
+                Expect::Query { n, part: 0, text }
+            }
             Sent::Function { n } => Expect::Function { n },
             Sent::Sync => {
                 self.seg += 1;
@@ -652,6 +659,12 @@ impl Model {
                 } => {
                     self.assumed_portals.insert(name.clone(), None);
                 }
+                Expect::Query { .. } => {
+                    if statements {
+                        self.assumed_statements.insert(Box::default(), None);
+                    }
+                    self.assumed_portals.insert(Box::default(), None);
+                }
                 _ => {}
             }
         }
@@ -660,7 +673,20 @@ impl Model {
     fn ready(&mut self, body: &[u8]) {
         loop {
             match self.queue.pop_front() {
-                Some(Expect::Sync | Expect::Query { .. } | Expect::Function { .. }) => break,
+                Some(Expect::Query { .. }) => {
+                    // The server dropped the unnamed statement and portal
+                    // when it ran the Query.
+                    self.statements.remove(&b""[..]);
+                    self.portals.remove(&b""[..]);
+                    if matches!(self.assumed_statements.get(&b""[..]), Some(None)) {
+                        self.assumed_statements.remove(&b""[..]);
+                    }
+                    if matches!(self.assumed_portals.get(&b""[..]), Some(None)) {
+                        self.assumed_portals.remove(&b""[..]);
+                    }
+                    break;
+                }
+                Some(Expect::Sync | Expect::Function { .. }) => break,
                 None => {
                     self.unmatched += 1;
                     break;
@@ -1171,6 +1197,30 @@ mod tests {
         r.complete("DISCARD ALL");
         r.server(b'Z', b"I");
         assert!(r.m.statement(b"s1").is_none());
+        assert_eq!(r.m.unmatched, 0);
+    }
+
+    /// A simple Query drops the unnamed statement and portal: an Execute
+    /// of the unnamed portal after it is not the earlier Bind's.
+    #[test]
+    fn a_query_replaces_the_unnamed_statement_and_portal() {
+        let mut r = Run::new();
+        r.query(1, "BEGIN");
+        r.parse("", "DELETE FROM payroll");
+        r.bind("", "");
+        r.query(2, "SELECT 1");
+        assert_eq!(r.execute(3, ""), None);
+        r.bind("", "");
+        assert_eq!(r.execute(4, ""), None);
+        r.push(Sent::Sync);
+        r.complete("BEGIN");
+        r.server(b'Z', b"T");
+        r.server(b'1', b"");
+        r.server(b'2', b"");
+        r.complete("SELECT 1");
+        r.server(b'Z', b"T");
+        assert!(r.m.statement(b"").is_none());
+        assert!(r.m.portal(b"").is_some_and(|p| p.statement.is_none()));
         assert_eq!(r.m.unmatched, 0);
     }
 

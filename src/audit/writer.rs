@@ -10,6 +10,7 @@
 use std::collections::VecDeque;
 use std::fs::{File, OpenOptions};
 use std::io::{self, BufRead, BufReader, Write};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
@@ -197,10 +198,17 @@ struct Writer {
 
 impl Writer {
     fn open(config: WriterConfig) -> Result<Self, WriterError> {
-        std::fs::create_dir_all(&config.dir).map_err(|source| WriterError::Dir {
-            dir: config.dir.clone(),
-            source,
-        })?;
+        // The trail names people and holds their statements: owner only
+        // (a directory that already exists keeps its mode; the files are
+        // 0600 whatever the umask).
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&config.dir)
+            .map_err(|source| WriterError::Dir {
+                dir: config.dir.clone(),
+                source,
+            })?;
         let (head, previous) = newest_head(&config.dir).map_err(|source| WriterError::Dir {
             dir: config.dir.clone(),
             source,
@@ -240,6 +248,7 @@ impl Writer {
         let f = OpenOptions::new()
             .create_new(true)
             .append(true)
+            .mode(0o600)
             .open(&self.path)?;
         self.file = Some(io::BufWriter::with_capacity(64 * 1024, f));
         self.opened = Instant::now();
@@ -638,4 +647,35 @@ fn newest_head(dir: &Path) -> io::Result<(Head, Option<PathBuf>)> {
         }
     }
     Ok((head, Some(last)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    /// The directory is created owner-only and every file is 0600, whatever
+    /// the process umask would give.
+    #[test]
+    fn audit_files_are_owner_only() {
+        let base = std::env::temp_dir().join(format!("rdsiam-modes-{}", std::process::id()));
+        let dir = base.join("nested/audit");
+        let sink = Sink::start(WriterConfig {
+            dir: dir.clone(),
+            rotate_bytes: 1 << 20,
+            rotate_age: Duration::from_secs(3600),
+            queue_capacity: 16,
+            parameters: false,
+        })
+        .unwrap();
+        sink.close();
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(&dir), 0o700);
+        let files = audit_files(&dir).unwrap();
+        assert!(!files.is_empty());
+        for f in files {
+            assert_eq!(mode(&f), 0o600, "{}", f.display());
+        }
+        let _ = std::fs::remove_dir_all(&base);
+    }
 }
