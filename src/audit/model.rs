@@ -720,31 +720,24 @@ impl Model {
                 return;
             }
         };
-        // Index 1 is the first message after the COPY; removing one moves
-        // the next there.
-        let i = 1;
-        while i < self.queue.len() {
-            match self.queue[i] {
+        // What follows the COPY: index 1, again after each removal.
+        while let Some(next) = self.queue.get(1) {
+            match next {
                 // Ignored by the server during COPY.
                 Expect::Sync => {
-                    self.queue.remove(i);
+                    self.queue.remove(1);
                 }
                 Expect::CopyEnd => {
-                    self.queue.remove(i);
+                    self.queue.remove(1);
                     return;
                 }
+                // The message that ends the COPY with an error.
                 _ => {
-                    // The message that ends the COPY with an error.
-                    if let Some(e) = self.queue.remove(i) {
+                    if let Some(e) = self.queue.remove(1) {
                         let changed = self.discard(&e);
                         if let Some(n) = e.statement() {
-                            self.queue.insert(
-                                i,
-                                Expect::NotRun {
-                                    n,
-                                    why: DURING_COPY,
-                                },
-                            );
+                            let why = DURING_COPY;
+                            self.queue.insert(1, Expect::NotRun { n, why });
                         }
                         if changed {
                             self.rebuild(true);
@@ -814,11 +807,6 @@ impl Model {
             },
         }
         self.rebuild(true);
-    }
-
-    /// Statements sent whose outcome never came (the session ended).
-    pub fn unanswered(&self) -> impl Iterator<Item = u64> + '_ {
-        self.queue.iter().filter_map(Expect::statement)
     }
 
     /// Entries held (for bounds and tests).

@@ -70,6 +70,9 @@ pub struct SessionTap {
     auditor: Arc<Auditor>,
     n: u64,
     model: Model,
+    /// The text the guard alone keeps (none), shared so that a statement
+    /// costs no allocation.
+    no_text: Text,
     /// Refused statements (for the session end and tests).
     pub refused: u64,
 }
@@ -91,6 +94,7 @@ impl SessionTap {
             auditor,
             n: 0,
             model: Model::new(Lexing::default(), names),
+            no_text: Text::capture(b"", 0),
             refused: 0,
         }
     }
@@ -103,11 +107,6 @@ impl SessionTap {
             |t| (t == b'S').then_some(1024),
             |_, b| self.model.lexing.observe(b),
         );
-    }
-
-    /// True when records are written (not only the guard).
-    pub fn logs(&self) -> bool {
-        self.logging()
     }
 
     fn logging(&self) -> bool {
@@ -160,10 +159,8 @@ impl SessionTap {
 
     /// Pushes a message into the model and writes the outcomes it yields.
     fn push(&mut self, sent: Sent) {
-        let sink = self.auditor.sink.clone();
-        let conn = self.conn;
-        self.model
-            .push(sent, &mut |a| write_answer(sink.as_deref(), conn, a));
+        let (sink, conn) = (self.auditor.sink.as_deref(), self.conn);
+        self.model.push(sent, &mut |a| write_answer(sink, conn, a));
     }
 
     /// The parameters of a Bind or FunctionCall as recorded.
@@ -227,7 +224,7 @@ impl SessionTap {
                     let text = if logging {
                         Text::capture(text, cap)
                     } else {
-                        Text::capture(b"", 0)
+                        self.no_text.clone()
                     };
                     let mut n = 0;
                     if logging {
@@ -245,7 +242,7 @@ impl SessionTap {
                         text: if logging {
                             Text::capture(text, cap)
                         } else {
-                            Text::capture(b"", 0)
+                            self.no_text.clone()
                         },
                         refused: refused.is_some(),
                     };
@@ -384,23 +381,17 @@ impl SessionTap {
 
     /// A server message (its body possibly cut to a prefix).
     pub fn server_message(&mut self, tag: u8, body: &[u8]) {
-        let sink = self.auditor.sink.clone();
-        let conn = self.conn;
+        let (sink, conn) = (self.auditor.sink.as_deref(), self.conn);
         self.model
-            .server(tag, body, &mut |a| write_answer(sink.as_deref(), conn, a));
-    }
-
-    /// Server messages that matched nothing the model expected.
-    pub fn unmatched(&self) -> u64 {
-        self.model.unmatched
+            .server(tag, body, &mut |a| write_answer(sink, conn, a));
     }
 }
 
 fn write_answer(sink: Option<&super::Sink>, conn: u64, a: Answer) {
+    // The guard alone records nothing.
     let Some(sink) = sink else {
         return;
     };
-    // Statements the guard alone tracks have no number: nothing to record.
     sink.push(Event::Outcome(Box::new(Outcome {
         conn,
         time: SystemTime::now(),

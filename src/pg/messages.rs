@@ -102,11 +102,7 @@ impl<'a> Bind<'a> {
 pub fn bind(body: &[u8]) -> Result<Bind<'_>, BodyError> {
     let (portal, rest) = cstr(body, b'B')?;
     let (statement, rest) = cstr(rest, b'B')?;
-    let (nf, rest) = u16_at(rest, b'B')?;
-    let flen = nf as usize * 2;
-    let formats = rest.get(..flen).unwrap_or(rest);
-    let rest = rest.get(flen..).unwrap_or(&[]);
-    let (params, values) = u16_at(rest, b'B').unwrap_or((0, &[]));
+    let (formats, params, values) = value_list(rest, b'B')?;
     Ok(Bind {
         portal,
         statement,
@@ -114,6 +110,17 @@ pub fn bind(body: &[u8]) -> Result<Bind<'_>, BodyError> {
         params,
         values,
     })
+}
+
+/// The format codes and values that Bind and FunctionCall share: format
+/// codes (as sent), the value count and the bytes holding the values.
+fn value_list(rest: &[u8], tag: u8) -> Result<(&[u8], u16, &[u8]), BodyError> {
+    let (nf, rest) = u16_at(rest, tag)?;
+    let flen = nf as usize * 2;
+    let formats = rest.get(..flen).unwrap_or(rest);
+    let rest = rest.get(flen..).unwrap_or(&[]);
+    let (params, values) = u16_at(rest, tag).unwrap_or((0, &[]));
+    Ok((formats, params, values))
 }
 
 /// 'E' Execute: portal name.
@@ -136,11 +143,7 @@ pub fn function_call(body: &[u8]) -> Result<u32, BodyError> {
 /// (format codes, then values); the returned Bind has empty names.
 pub fn function_call_args(body: &[u8]) -> Result<(u32, Bind<'_>), BodyError> {
     let (oid, rest) = i32_at(body, b'F')?;
-    let (nf, rest) = u16_at(rest, b'F')?;
-    let flen = nf as usize * 2;
-    let formats = rest.get(..flen).unwrap_or(rest);
-    let rest = rest.get(flen..).unwrap_or(&[]);
-    let (params, values) = u16_at(rest, b'F').unwrap_or((0, &[]));
+    let (formats, params, values) = value_list(rest, b'F')?;
     Ok((
         oid as u32,
         Bind {
