@@ -100,6 +100,15 @@ async fn exchange(mut sock: TcpStream, app: &AppContext, eps: &[Arc<EndpointCont
                     .set_audit_queue_depth(audit.queue_depth.load(Relaxed));
                 app.metrics.set_audit_dropped(audit.dropped.load(Relaxed));
             }
+            {
+                use std::sync::atomic::Ordering::Relaxed;
+                let limits = &app.audit.limits;
+                app.metrics.set_audit_hold(
+                    limits.hold.used() as u64,
+                    limits.hold.refused.load(Relaxed),
+                    limits.off_loop_parses.load(Relaxed),
+                );
+            }
             let mut page = app.metrics.render();
             crate::metrics::Metrics::render_worker_sessions(&mut page, &app.workers.sessions());
             (200, "text/plain; version=0.0.4; charset=utf-8", page)

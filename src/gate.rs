@@ -16,22 +16,25 @@
 //!
 //! The buffer is reused. It starts at 4 KiB, grows to 16 KiB the first
 //! time a read fills it, grows further only for a Query or Parse longer
-//! than that and shrinks back after. All state lives in [`Gate`], so the
+//! than that (as its bytes arrive, within a budget all sessions share:
+//! [`crate::audit::limits`]) and shrinks back after. All state lives in [`Gate`], so the
 //! future is cancel-safe in the same sense as `forward`.
 
 use std::future::poll_fn;
 use std::io;
 use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::task::{Context, Poll, ready};
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::sync::oneshot;
 
-use crate::audit::SessionTap;
-use crate::audit::tap::Verdict;
+use crate::audit::tap::{Refusal, Verdict};
+use crate::audit::{Auditor, SessionTap};
 use crate::forward::{Ending, ForwardError, Pipe, Side, Traffic};
 use crate::pg::frame::{HEADER_LEN, MAX_CLIENT_MESSAGE, parse_header};
-use crate::pg::messages::{self, Capture};
+use crate::pg::messages::Capture;
 
 use crate::forward::{BUF_SIZE, START_BUF_SIZE};
 /// Longest Query or Parse the gate holds; longer ones are refused.
@@ -63,6 +66,9 @@ struct Gate {
     eof: bool,
     done: bool,
     need_flush: bool,
+    /// Bytes of `buf` past [`BUF_SIZE`], taken from the shared budget.
+    reserved: usize,
+    auditor: Arc<Auditor>,
     bytes: u64,
     messages: u64,
     terminated: bool,
@@ -74,7 +80,7 @@ struct Gate {
 const FLUSH: [u8; 5] = [b'H', 0, 0, 0, 4];
 
 impl Gate {
-    fn new() -> Self {
+    fn new(auditor: Arc<Auditor>) -> Self {
         Self {
             buf: vec![0; START_BUF_SIZE],
             start: 0,
@@ -90,6 +96,8 @@ impl Gate {
             eof: false,
             done: false,
             need_flush: false,
+            reserved: 0,
+            auditor,
             bytes: 0,
             messages: 0,
             terminated: false,
@@ -134,19 +142,7 @@ impl Gate {
             _ => 0,
         };
         if need > HOLD_LIMIT {
-            self.messages += 1;
-            self.inject.clear();
-            let sql = format!(
-                "DO $rds_iam_proxy$BEGIN RAISE EXCEPTION USING ERRCODE = '54000', MESSAGE = \
-                 'statement of {frame_len} bytes is longer than the {HOLD_LIMIT} bytes rds-iam-proxy can audit'; END$rds_iam_proxy$"
-            );
-            if h.tag == b'Q' {
-                messages::write_query(&mut self.inject, &sql);
-            } else {
-                messages::write_parse(&mut self.inject, b"", &sql);
-            }
-            self.skip_left = frame_len;
-            self.inject_pos = 0;
+            self.refuse_long(tap, h.tag, frame_len, Refusal::TooLong);
             return Ok(None);
         }
         if self.end - self.cleared < need {
@@ -169,6 +165,18 @@ impl Gate {
         }
         self.apply(verdict, h.tag, frame_len)?;
         Ok(None)
+    }
+
+    /// Refuses the Query or Parse at `cleared` without holding it: the
+    /// tap records it and writes what the server runs instead (an error
+    /// raised in place), and its bytes are dropped as they arrive.
+    fn refuse_long(&mut self, tap: &mut SessionTap, tag: u8, frame_len: usize, why: Refusal) {
+        self.messages += 1;
+        let here = &self.buf[self.cleared..self.end];
+        let prefix = &here[HEADER_LEN.min(here.len())..];
+        tap.refuse_long(tag, prefix, frame_len, why, &mut self.inject);
+        self.skip_left = frame_len;
+        self.inject_pos = 0;
     }
 
     fn poll_pump<R, W>(
@@ -215,7 +223,12 @@ impl Gate {
             }
             if self.held {
                 // Woken again once server messages arrived (see
-                // `forward_tapped`), with `held` cleared.
+                // `forward_tapped`), with `held` cleared, or once the
+                // tap's parse of a long text is done.
+                if tap.poll_parse(cx).is_ready() {
+                    self.held = false;
+                    continue;
+                }
                 if self.need_flush {
                     ready!(w.as_mut().poll_flush(cx)).map_err(werr)?;
                     self.need_flush = false;
@@ -288,7 +301,17 @@ impl Gate {
                 self.done = true;
                 return Poll::Ready(Ok(()));
             }
-            self.make_room(need);
+            if !self.make_room(need) {
+                // Only a Query or Parse, judged above, asks for more
+                // than the buffer: its header is here.
+                let h = parse_header(&self.buf[self.cleared..self.end], MAX_CLIENT_MESSAGE)?
+                    .ok_or_else(|| ForwardError::Io {
+                        side: Side::Client,
+                        source: io::Error::other("no header for a held message"),
+                    })?;
+                self.refuse_long(tap, h.tag, h.frame_len(), Refusal::NoMemory);
+                continue;
+            }
             let mut rb = ReadBuf::new(&mut self.buf[self.end..]);
             match r.as_mut().poll_read(cx, &mut rb) {
                 Poll::Ready(Ok(())) => {
@@ -319,14 +342,17 @@ impl Gate {
     }
 
     /// Makes room to read, keeping `buf[start..end]` (all of it undecided
-    /// or in-flight) and room for a message of `need` bytes.
-    fn make_room(&mut self, need: usize) {
+    /// or in-flight) for a message of `need` bytes. A long message grows
+    /// the buffer as its bytes arrive (doubling), never by its declared
+    /// length alone; growth past [`BUF_SIZE`] is taken from the budget
+    /// all sessions share. Returns false when the budget is spent.
+    fn make_room(&mut self, need: usize) -> bool {
         if self.start == self.end {
             self.start = 0;
             self.end = 0;
             self.cleared = 0;
-            if self.buf.len() > 4 * BUF_SIZE {
-                self.buf.truncate(BUF_SIZE);
+            if self.buf.len() > BUF_SIZE {
+                self.resize(BUF_SIZE);
                 self.buf.shrink_to(BUF_SIZE);
             }
         }
@@ -336,16 +362,45 @@ impl Gate {
             self.buf.resize(BUF_SIZE, 0);
         }
         if self.end < self.buf.len() && self.start + need <= self.buf.len() {
-            return;
+            return true;
         }
-        // Move what is pending to the front, then grow for a long message.
+        // Move what is pending to the front, then grow for a long message
+        // once what is here fills the buffer.
         self.buf.copy_within(self.start..self.end, 0);
         self.end -= self.start;
         self.cleared -= self.start;
         self.start = 0;
-        if need > self.buf.len() {
-            self.buf.resize(need, 0);
+        if self.end == self.buf.len() && need > self.buf.len() {
+            let to = need.min(self.buf.len() * 2);
+            if !self.resize(to) {
+                return false;
+            }
         }
+        true
+    }
+
+    /// Resizes the buffer, taking or giving back the bytes past
+    /// [`BUF_SIZE`] from the shared budget.
+    fn resize(&mut self, to: usize) -> bool {
+        let want = to.saturating_sub(BUF_SIZE);
+        if want > self.reserved {
+            let budget = &self.auditor.limits.hold;
+            if !budget.try_take(want - self.reserved) {
+                budget.refused.fetch_add(1, Ordering::Relaxed);
+                return false;
+            }
+        } else {
+            self.auditor.limits.hold.give(self.reserved - want);
+        }
+        self.reserved = want;
+        self.buf.resize(to, 0);
+        true
+    }
+}
+
+impl Drop for Gate {
+    fn drop(&mut self) {
+        self.auditor.limits.hold.give(self.reserved);
     }
 }
 
@@ -359,7 +414,7 @@ where
     C: AsyncRead + AsyncWrite + Unpin + ?Sized,
     U: AsyncRead + AsyncWrite + Unpin + ?Sized,
 {
-    let mut up = Gate::new();
+    let mut up = Gate::new(tap.auditor().clone());
     let mut down = Pipe::new();
     let mut capture = Capture::new(u32::MAX, SERVER_PREFIX);
 
@@ -429,8 +484,8 @@ pub fn server_wanted(tag: u8) -> Option<usize> {
 mod tests {
     use super::*;
     use crate::audit::tap::GUARD_SQL;
-    use crate::audit::{AuditConfig, Auditor};
-    use std::sync::Arc;
+    use crate::pg::messages;
+    use crate::audit::AuditConfig;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     fn q(sql: &str) -> Vec<u8> {
@@ -449,6 +504,7 @@ mod tests {
         let auditor = Arc::new(Auditor {
             config: AuditConfig::default(),
             sink: None,
+            limits: Default::default(),
         });
         let task = tokio::spawn(async move {
             let mut tap = SessionTap::new(1, auditor);
@@ -505,5 +561,138 @@ mod tests {
         assert_eq!(refused, 1);
         assert_eq!(ending, Ending::ClientTerminated);
         assert_eq!(traffic.client_messages, 5);
+    }
+
+    /// Reads frames until the proxy closes, answering each Query with
+    /// CommandComplete and ReadyForQuery; returns what arrived.
+    async fn answer_queries(mut server: tokio::io::DuplexStream) -> Vec<(u8, Vec<u8>)> {
+        let mut got = Vec::new();
+        loop {
+            let mut header = [0u8; 5];
+            if server.read_exact(&mut header).await.is_err() {
+                return got;
+            }
+            let len = u32::from_be_bytes(header[1..].try_into().unwrap()) as usize;
+            let mut body = vec![0; len - 4];
+            server.read_exact(&mut body).await.unwrap();
+            if header[0] == b'Q' {
+                let mut answer = Vec::new();
+                answer.extend([b'C', 0, 0, 0, 13]);
+                answer.extend(b"SELECT 1\0");
+                answer.extend([b'Z', 0, 0, 0, 5, b'I']);
+                server.write_all(&answer).await.unwrap();
+            }
+            got.push((header[0], body));
+        }
+    }
+
+    fn auditor(hold_bytes: usize) -> Arc<Auditor> {
+        Arc::new(Auditor {
+            config: AuditConfig::default(),
+            sink: None,
+            limits: crate::audit::limits::Limits::new(hold_bytes),
+        })
+    }
+
+    /// The client's bytes through a gate; returns what the server saw.
+    async fn through(auditor: Arc<Auditor>, sent: Vec<u8>) -> Vec<(u8, Vec<u8>)> {
+        let (mut client, mut proxy_client) = tokio::io::duplex(64 * 1024);
+        let (mut proxy_up, server) = tokio::io::duplex(64 * 1024);
+        let task = tokio::spawn(async move {
+            let mut tap = SessionTap::new(1, auditor);
+            let _ = forward_tapped(&mut proxy_client, &mut proxy_up, &mut tap).await;
+        });
+        let writer = tokio::spawn(async move {
+            client.write_all(&sent).await.unwrap();
+            client.shutdown().await.unwrap();
+            let mut rest = Vec::new();
+            let _ = client.read_to_end(&mut rest).await;
+        });
+        let got = answer_queries(server).await;
+        writer.await.unwrap();
+        task.await.unwrap();
+        got
+    }
+
+    /// A Query that declares 16 MiB and sends 40 KiB costs about 40 KiB,
+    /// not 16 MiB; everything is given back when the session ends.
+    #[tokio::test]
+    async fn a_long_statement_grows_the_buffer_as_it_arrives() {
+        let auditor = auditor(crate::audit::limits::HOLD_BUDGET);
+        let (mut client, mut proxy_client) = tokio::io::duplex(64 * 1024);
+        let (mut proxy_up, server) = tokio::io::duplex(64 * 1024);
+        let a = auditor.clone();
+        let task = tokio::spawn(async move {
+            let mut tap = SessionTap::new(1, a);
+            let _ = forward_tapped(&mut proxy_client, &mut proxy_up, &mut tap).await;
+        });
+        let declared = (HOLD_LIMIT - 1) as u32;
+        let mut part = vec![b'Q'];
+        part.extend(declared.to_be_bytes());
+        part.extend(vec![b' '; 40 * 1024]);
+        client.write_all(&part).await.unwrap();
+        let hold = &auditor.limits.hold;
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while hold.used() == 0 {
+            assert!(std::time::Instant::now() < deadline, "the gate never grew");
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        let used = hold.used();
+        assert!(used <= 2 * 40 * 1024, "{used} bytes held for 40 KiB");
+        drop(client);
+        drop(server);
+        task.await.unwrap();
+        assert_eq!(hold.used(), 0, "given back at the end of the session");
+    }
+
+    /// Past the shared budget a long statement is refused in place
+    /// (53000) and the session goes on; the budget comes back.
+    #[tokio::test]
+    async fn a_statement_past_the_shared_budget_is_refused_in_place() {
+        let auditor = auditor(1024 * 1024);
+        let big = format!("select '{}'", "x".repeat(2 * 1024 * 1024));
+        let fits = format!("select '{}'", "y".repeat(512 * 1024));
+        let mut sent = q(&big);
+        sent.extend(q(&fits));
+        sent.extend(q("select 3"));
+        let got = through(auditor.clone(), sent).await;
+        let texts: Vec<String> = got
+            .iter()
+            .map(|(t, b)| {
+                let s = String::from_utf8_lossy(b);
+                format!("{} {}", *t as char, &s[..s.len().min(60)])
+            })
+            .collect();
+        assert_eq!(got.len(), 3, "{texts:?}");
+        let refused = String::from_utf8_lossy(&got[0].1);
+        assert!(refused.contains("ERRCODE = '53000'"), "{refused}");
+        assert!(refused.contains("statement of 2097167 bytes refused"), "{refused}");
+        assert_eq!(got[1].1, q(&fits)[5..], "the next long statement whole");
+        assert_eq!(got[2].1, q("select 3")[5..]);
+        assert_eq!(auditor.limits.hold.used(), 0);
+        assert_eq!(auditor.limits.hold.refused.load(Ordering::Relaxed), 1);
+    }
+
+    /// A long text that mentions a password is read on a parser thread:
+    /// a password change is refused, anything else forwarded as sent.
+    #[tokio::test]
+    async fn long_texts_are_parsed_off_the_event_loop() {
+        let auditor = auditor(crate::audit::limits::HOLD_BUDGET);
+        let pad = "-".repeat(100 * 1024);
+        let change = format!("ALTER ROLE me PASSWORD 'pw' -- {pad}");
+        let other = format!("select 'no password here' -- {pad}");
+        let mut sent = q(&change);
+        sent.extend(q(&other));
+        let got = through(auditor.clone(), sent).await;
+        let queries: Vec<&Vec<u8>> = got
+            .iter()
+            .filter(|(t, _)| *t == b'Q')
+            .map(|(_, b)| b)
+            .collect();
+        assert_eq!(queries.len(), 2);
+        assert_eq!(queries[0][..], q(GUARD_SQL)[5..]);
+        assert_eq!(queries[1][..], q(&other)[5..]);
+        assert_eq!(auditor.limits.off_loop_parses.load(Ordering::Relaxed), 2);
     }
 }

@@ -8,7 +8,7 @@
 //!
 //! Hook points for other parts of the proxy: [`Metrics::identity_failure`],
 //! [`Metrics::credentials_refreshed`], [`Metrics::set_audit_queue_depth`],
-//! [`Metrics::set_audit_dropped`].
+//! [`Metrics::set_audit_dropped`], [`Metrics::set_audit_hold`].
 
 use std::fmt::Write as _;
 use std::sync::Mutex;
@@ -39,6 +39,9 @@ pub struct Metrics {
     bytes_upstream_to_client: AtomicU64,
     audit_queue_depth: AtomicU64,
     audit_dropped: AtomicU64,
+    audit_hold_bytes: AtomicU64,
+    audit_hold_refused: AtomicU64,
+    audit_long_parses: AtomicU64,
     reloads: Labelled,
 }
 
@@ -126,6 +129,15 @@ impl Metrics {
     /// Hook: records waiting in the audit queue.
     pub fn set_audit_queue_depth(&self, depth: u64) {
         self.audit_queue_depth.store(depth, Relaxed);
+    }
+
+    /// Hook: the inspection's shared limits ([`crate::audit::limits`]):
+    /// bytes held now, statements refused and long texts parsed off the
+    /// event loop since start.
+    pub fn set_audit_hold(&self, bytes: u64, refused: u64, long_parses: u64) {
+        self.audit_hold_bytes.store(bytes, Relaxed);
+        self.audit_hold_refused.store(refused, Relaxed);
+        self.audit_long_parses.store(long_parses, Relaxed);
     }
 
     /// Hook: records the audit has had to drop since start (a total).
@@ -230,6 +242,24 @@ impl Metrics {
             &format!("{p}_audit_dropped_total"),
             "Audit records dropped.",
             self.audit_dropped.load(Relaxed),
+        );
+        gauge(
+            &mut s,
+            &format!("{p}_audit_hold_bytes"),
+            "Bytes of long statements held for inspection, across sessions.",
+            self.audit_hold_bytes.load(Relaxed) as f64,
+        );
+        counter(
+            &mut s,
+            &format!("{p}_audit_hold_refused_total"),
+            "Statements refused (53000) because the memory for long statements was in use.",
+            self.audit_hold_refused.load(Relaxed),
+        );
+        counter(
+            &mut s,
+            &format!("{p}_audit_long_parses_total"),
+            "Long statement texts the password guard parsed off the event loop.",
+            self.audit_long_parses.load(Relaxed),
         );
         self.reloads.render(
             &mut s,

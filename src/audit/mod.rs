@@ -10,8 +10,10 @@
 //! - [`redact`]: PostgreSQL's parser (libpg_query) for the guard, statement
 //!   splitting and password redaction.
 //! - [`verify`]: `rds-iam-proxy audit verify`.
+//! - [`limits`]: the memory and parser threads all sessions share.
 
 pub mod event;
+pub mod limits;
 pub mod model;
 pub mod record;
 pub mod redact;
@@ -82,6 +84,7 @@ impl Default for AuditConfig {
 pub struct Auditor {
     pub config: AuditConfig,
     pub sink: Option<Arc<Sink>>,
+    pub limits: limits::Limits,
 }
 
 impl Auditor {
@@ -97,7 +100,11 @@ impl Auditor {
                 parameters: config.parameters,
             })?),
         };
-        Ok(Self { config, sink })
+        Ok(Self {
+            config,
+            sink,
+            limits: limits::Limits::default(),
+        })
     }
 
     /// An auditor that logs nothing and guards passwords as configured.
@@ -108,6 +115,7 @@ impl Auditor {
                 ..AuditConfig::default()
             },
             sink: None,
+            limits: limits::Limits::default(),
         }
     }
 

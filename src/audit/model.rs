@@ -754,7 +754,10 @@ impl Model {
     /// Applies a SQL PREPARE, DEALLOCATE, DISCARD, DECLARE or CLOSE that
     /// completed as part `part` of `text`.
     fn sql_effect(&mut self, effect: NameEffect, text: &Text, part: u32) {
-        let found = (text.full_sha256.is_none())
+        // Parsed here, on the event loop: only text short enough to take
+        // well under a millisecond; longer text counts as unreadable.
+        let found = (text.full_sha256.is_none()
+            && text.bytes.len() <= super::limits::INLINE_PARSE_LIMIT)
             .then(|| std::str::from_utf8(&text.bytes).ok())
             .flatten()
             .and_then(|sql| sql_name_effect(sql, part));

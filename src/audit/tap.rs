@@ -8,13 +8,18 @@
 //! the server does with each message (skips, COPY, which names exist) is
 //! the [`Model`]'s job; the tap decides what to record and what to refuse.
 
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::task::{Context, Poll, ready};
 use std::time::SystemTime;
 
 use tokio::sync::oneshot;
 
 use super::event::{Event, Outcome, Protocol, Statement, Text};
 use super::model::{Answer, Lexing, Model, Portal, Prepared, Sent};
+use super::limits::INLINE_PARSE_LIMIT;
 use super::{Auditor, Mode, redact};
 use crate::pg::messages;
 
@@ -42,8 +47,6 @@ pub const GUARD_SQL: &str = "DO $rds_iam_proxy$BEGIN RAISE EXCEPTION USING ERRCO
     MESSAGE = 'password changes are not allowed through rds-iam-proxy', \
     HINT = 'IAM authentication is the only way in; passwords stay unset.'; END$rds_iam_proxy$";
 
-/// Sent in place of a statement whose audit record could not be written
-/// in synchronous mode.
 /// Sent in place of a statement that mentions a password but that the
 /// guard cannot read the way the server will (a parse failure, or lexing
 /// settings it cannot follow): refused rather than forwarded unchecked.
@@ -51,6 +54,8 @@ pub const GUARD_UNREADABLE_SQL: &str = "DO $rds_iam_proxy$BEGIN RAISE EXCEPTION 
     MESSAGE = 'statement refused: it mentions a password and rds-iam-proxy cannot read it the way the server would', \
     HINT = 'check the syntax; with standard_conforming_strings off or a client encoding such as SJIS or BIG5 the password guard cannot judge a statement that mentions a password'; END$rds_iam_proxy$";
 
+/// Sent in place of a statement whose audit record could not be written
+/// in synchronous mode.
 pub const SINK_FAILED_SQL: &str = "DO $rds_iam_proxy$BEGIN RAISE EXCEPTION USING ERRCODE = '58030', \
     MESSAGE = 'statement refused: rds-iam-proxy cannot write its audit log', \
     HINT = 'the proxy audits synchronously and fails closed; the operator must check the audit directory (disk full?)'; END$rds_iam_proxy$";
@@ -62,6 +67,60 @@ pub const SINK_FAILED_FATAL: &str =
 /// not know (prepared before its maps could hold it, or a SQL cursor it
 /// could not read): never another statement's text.
 const UNKNOWN_STATEMENT: &[u8] = b"<statement not known to rds-iam-proxy>";
+
+/// Answers a session may be owed before its next message is held.
+pub const MAX_OUTSTANDING: usize = 100_000;
+
+/// Why a Query or Parse was refused before it was held whole.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    /// Longer than the gate ever holds ([`crate::gate::HOLD_LIMIT`]).
+    TooLong,
+    /// The memory all sessions share for long statements is in use.
+    NoMemory,
+}
+
+impl Refusal {
+    fn reason(self) -> &'static str {
+        match self {
+            Refusal::TooLong => "too long to audit",
+            Refusal::NoMemory => "proxy memory for long statements in use",
+        }
+    }
+
+    /// The statement the server runs instead: it raises the error.
+    fn sql(self, len: usize) -> String {
+        let (code, message, hint) = match self {
+            Refusal::TooLong => (
+                "54000",
+                format!(
+                    "statement of {len} bytes is longer than the {} bytes rds-iam-proxy can audit",
+                    crate::gate::HOLD_LIMIT
+                ),
+                "send it in parts, or load large values with COPY or as parameters",
+            ),
+            Refusal::NoMemory => (
+                "53000",
+                format!(
+                    "statement of {len} bytes refused: rds-iam-proxy is holding as many long statements as it may"
+                ),
+                "retry shortly; the operator can see this as rds_iam_proxy_audit_hold_refused_total",
+            ),
+        };
+        format!(
+            "DO $rds_iam_proxy$BEGIN RAISE EXCEPTION USING ERRCODE = '{code}', \
+             MESSAGE = '{message}', HINT = '{hint}'; END$rds_iam_proxy$"
+        )
+    }
+}
+
+/// A long text the guard has handed to a parser thread.
+#[derive(Debug)]
+struct ParseJob {
+    len: usize,
+    rx: oneshot::Receiver<Option<bool>>,
+    done: Option<Option<bool>>,
+}
 
 /// Per-session audit state.
 #[derive(Debug)]
@@ -75,6 +134,8 @@ pub struct SessionTap {
     no_text: Text,
     /// Refused statements (for the session end and tests).
     pub refused: u64,
+    /// The guard's parse of a long text, off the event loop.
+    job: Option<ParseJob>,
 }
 
 /// The guard's reading of one statement text.
@@ -96,7 +157,12 @@ impl SessionTap {
             model: Model::new(Lexing::default(), names),
             no_text: Text::capture(b"", 0),
             refused: 0,
+            job: None,
         }
+    }
+
+    pub fn auditor(&self) -> &Arc<Auditor> {
+        &self.auditor
     }
 
     /// The ParameterStatus messages of the login (lexing settings).
@@ -113,17 +179,130 @@ impl SessionTap {
         self.auditor.sink.is_some()
     }
 
-    fn guard(&self, text: &[u8]) -> Guard {
+    /// The guard's verdict on `text`, or `None` while a parser thread
+    /// reads it (the message is held; [`SessionTap::poll_parse`] says
+    /// when to judge it again).
+    fn guard(&mut self, text: &[u8]) -> Option<Guard> {
         if !self.auditor.config.password_guard || !redact::mentions_password(text) {
-            return Guard::Pass;
+            return Some(Guard::Pass);
         }
         if !self.model.lexing.judgeable() {
-            return Guard::Unreadable;
+            return Some(Guard::Unreadable);
         }
-        match redact::password_change(text) {
+        let change = if text.len() <= INLINE_PARSE_LIMIT {
+            redact::password_change(text)
+        } else {
+            self.parse_off_loop(text)?
+        };
+        Some(match change {
             Some(true) => Guard::Change,
             Some(false) => Guard::Pass,
             None => Guard::Unreadable,
+        })
+    }
+
+    /// The parse of a long text on a blocking thread: its result once
+    /// done, else `None` (started now, or still running). The gate judges
+    /// the same message again, so the job is matched by length.
+    fn parse_off_loop(&mut self, text: &[u8]) -> Option<Option<bool>> {
+        if let Some(job) = &mut self.job {
+            if job.len == text.len() {
+                let done = job.done.take()?;
+                self.job = None;
+                return Some(done);
+            }
+        }
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return Some(redact::password_change(text));
+        };
+        let (tx, rx) = oneshot::channel();
+        let owned = text.to_vec();
+        let parsers = self.auditor.limits.parsers.clone();
+        self.auditor
+            .limits
+            .off_loop_parses
+            .fetch_add(1, Ordering::Relaxed);
+        runtime.spawn(async move {
+            let Ok(permit) = parsers.acquire_owned().await else {
+                return;
+            };
+            let change = tokio::task::spawn_blocking(move || {
+                let _permit = permit;
+                redact::password_change(&owned)
+            })
+            .await
+            .unwrap_or(None);
+            let _ = tx.send(change);
+        });
+        self.job = Some(ParseJob {
+            len: text.len(),
+            rx,
+            done: None,
+        });
+        None
+    }
+
+    /// Ready once a parse started by the guard has finished (the held
+    /// message can be judged again); pending otherwise.
+    pub fn poll_parse(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        let Some(job) = &mut self.job else {
+            return Poll::Pending;
+        };
+        if job.done.is_some() {
+            return Poll::Pending;
+        }
+        let change = ready!(Pin::new(&mut job.rx).poll(cx));
+        // A parser task that ended without an answer: unreadable.
+        job.done = Some(change.unwrap_or(None));
+        Poll::Ready(())
+    }
+
+    /// A Query or Parse the gate will not hold (see [`Refusal`]): recorded
+    /// as refused, told to the model, and replaced in `inject` by an
+    /// error the server raises in its place. `prefix` is what arrived of
+    /// the body.
+    pub fn refuse_long(
+        &mut self,
+        tag: u8,
+        prefix: &[u8],
+        frame_len: usize,
+        why: Refusal,
+        inject: &mut Vec<u8>,
+    ) {
+        self.refused += 1;
+        let sql = why.sql(frame_len);
+        let text = Text::capture(
+            format!("<statement of {frame_len} bytes not held by rds-iam-proxy>").as_bytes(),
+            usize::MAX,
+        );
+        inject.clear();
+        if tag == b'Q' {
+            let mut n = 0;
+            if self.logging() {
+                let mut st = self.statement(Protocol::Simple, text.clone());
+                st.refused = Some(why.reason());
+                n = st.n;
+                // Nothing to wait for: the server runs only the error.
+                let _ = self.emit(st);
+            }
+            self.push(Sent::Query { n, text });
+            messages::write_query(inject, &sql);
+        } else {
+            // The statement name comes first in the body; keep it, so the
+            // server refuses the Parse under the name the client used.
+            let name = prefix
+                .iter()
+                .position(|&b| b == 0)
+                .map_or(&b""[..], |end| &prefix[..end]);
+            self.push(Sent::Parse {
+                name: name.into(),
+                value: Prepared {
+                    name: (!name.is_empty()).then(|| Arc::from(name)),
+                    text,
+                    refused: true,
+                },
+            });
+            messages::write_parse(inject, name, &sql);
         }
     }
 
@@ -192,6 +371,16 @@ impl SessionTap {
     ) -> Verdict {
         let cap = self.auditor.config.max_statement_bytes;
         let logging = self.logging();
+        // Flow control: a client that pipelines without reading waits for
+        // the server's answers once this many are outstanding. CopyDone
+        // and CopyFail pass, as does anything inside COPY FROM STDIN: a
+        // COPY's own answer waits for what the client sends.
+        if self.model.queued() >= MAX_OUTSTANDING
+            && !matches!(tag, b'c' | b'f')
+            && self.model.discarding() != Some(super::model::DURING_COPY)
+        {
+            return Verdict::Hold;
+        }
         match tag {
             b'Q' | b'P' => {
                 let parsed = if tag == b'Q' {
@@ -213,7 +402,9 @@ impl SessionTap {
                 {
                     return Verdict::Hold;
                 }
-                let guard = self.guard(text);
+                let Some(guard) = self.guard(text) else {
+                    return Verdict::Hold;
+                };
                 let refused = match guard {
                     Guard::Pass => None,
                     Guard::Change => Some("password change"),
@@ -415,6 +606,7 @@ mod tests {
         let auditor = Arc::new(Auditor {
             config: AuditConfig::default(),
             sink: None,
+            limits: Default::default(),
         });
         SessionTap::new(1, auditor)
     }
@@ -542,5 +734,63 @@ mod tests {
             t.server_message(b'E', b"C42501\0Mrefused\0\0");
             t.server_message(b'Z', b"I");
         }
+    }
+
+    /// A Query or Parse refused before it is held still reaches the
+    /// model: the server's answer to its replacement matches it.
+    #[test]
+    fn refused_long_statements_are_told_to_the_model() {
+        let mut t = tap();
+        let mut inject = Vec::new();
+        t.refuse_long(b'Q', b"select", 20_000_000, Refusal::TooLong, &mut inject);
+        assert!(String::from_utf8_lossy(&inject).contains("'54000'"));
+        t.server_message(b'E', b"C54000\0Mtoo long\0\0");
+        t.server_message(b'Z', b"I");
+        t.refuse_long(b'P', b"s1\0select", 3_000_000, Refusal::NoMemory, &mut inject);
+        let mut expect = Vec::new();
+        messages::write_parse(&mut expect, b"s1", &Refusal::NoMemory.sql(3_000_000));
+        assert_eq!(inject, expect);
+        // The server skips the rest until Sync.
+        t.server_message(b'E', b"C53000\0Mno memory\0\0");
+        // Execute of the unnamed portal, no row limit.
+        t.client_message(b'E', b"\0\0\0\0\0", true, &mut inject);
+        t.client_message(b'S', b"", true, &mut inject);
+        t.server_message(b'Z', b"I");
+        assert_eq!(t.model.queued(), 0);
+        assert_eq!(t.model.unmatched, 0);
+        assert_eq!(t.refused, 2);
+    }
+
+    /// A client that pipelines without reading is held once the server
+    /// owes it MAX_OUTSTANDING answers, and goes on as answers arrive.
+    #[test]
+    fn outstanding_answers_are_bounded() {
+        let mut t = tap();
+        let mut inject = Vec::new();
+        for _ in 0..MAX_OUTSTANDING {
+            assert!(matches!(
+                t.client_message(b'S', b"", true, &mut inject),
+                Verdict::Forward
+            ));
+        }
+        assert!(matches!(
+            t.client_message(b'S', b"", true, &mut inject),
+            Verdict::Hold
+        ));
+        assert!(matches!(
+            t.client_message(b'c', b"", true, &mut inject),
+            Verdict::Forward
+        ), "CopyDone is never held");
+        // Its entry counts too: two answers make room for one more.
+        t.server_message(b'Z', b"I");
+        assert!(matches!(
+            t.client_message(b'S', b"", true, &mut inject),
+            Verdict::Hold
+        ));
+        t.server_message(b'Z', b"I");
+        assert!(matches!(
+            t.client_message(b'S', b"", true, &mut inject),
+            Verdict::Forward
+        ));
     }
 }
