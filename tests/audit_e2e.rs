@@ -515,3 +515,55 @@ async fn sync_mode_full_disk_refuses_statements() {
     drop(client);
     drop(proxy);
 }
+
+/// A statement too long to hold (past 16 MiB) is refused by the server in
+/// its place (54000), recorded as refused, and every outcome after it
+/// still lands on its own statement.
+#[tokio::test]
+async fn a_statement_too_long_to_hold_is_refused_and_outcomes_stay_in_place() {
+    let Some((bed, home)) = sso_setup(
+        "a_statement_too_long_to_hold_is_refused_and_outcomes_stay_in_place",
+        "aud_long",
+    ) else {
+        return;
+    };
+    let dir = unique_temp_path("rdsiam-audit");
+    let proxy = audited(bed, &home, "sync", &dir);
+    let client = proxy.tokio_pg("aud_long").await.unwrap();
+    let long = format!("select '{}' as long_marker", "x".repeat(17 * 1024 * 1024));
+    let err = client.simple_query(&long).await.unwrap_err();
+    let db = err.as_db_error().expect("an error from the server");
+    assert_eq!(db.code().code(), "54000", "{db:?}");
+    assert!(db.message().contains("longer than"), "{}", db.message());
+    let rows = client.simple_query("select 'after' as after_marker").await.unwrap();
+    assert_eq!(rows.len(), 3, "columns, a row and the command tag");
+    drop(client);
+
+    // Outcomes are written as they come (the session's end would need the
+    // connection task, which this runtime does not run while it waits).
+    let all = wait_record(&dir, |r| r["type"] == "outcome" && r["n"] == 2);
+    let conn = all.iter().find(|r| r["type"] == "session_start").unwrap()["conn"]
+        .as_u64()
+        .unwrap();
+    let got: Vec<String> = of_conn(&all, conn)
+        .into_iter()
+        .filter(|r| r["type"] == "statement" || r["type"] == "outcome")
+        .map(brief)
+        .collect();
+    let text = format!("\"<statement of {} bytes not held by rds-iam-proxy>\"", long.len() + 6);
+    assert_eq!(
+        got,
+        [
+            format!("statement n=1 part=1/1 \"simple\" {text}"),
+            "outcome n=1 part=1 \"54000\"".to_owned(),
+            "statement n=2 part=1/1 \"simple\" \"select 'after' as after_marker\"".to_owned(),
+            "outcome n=2 part=1 \"SELECT 1\" rows=1".to_owned(),
+        ]
+    );
+    let refused = all
+        .iter()
+        .find(|r| r["type"] == "statement" && r["n"] == 1 && r["conn"] == conn)
+        .unwrap();
+    assert_eq!(refused["refused"], "too long to audit");
+    let _ = std::fs::remove_dir_all(&dir);
+}
