@@ -355,6 +355,15 @@ pub struct AuditArgs {
     #[arg(long = "audit-parameters", env = "RDS_IAM_PROXY_AUDIT_PARAMETERS")]
     pub parameters: bool,
 
+    /// Prefix the application_name the server sees (and Activity Streams'
+    /// clientApplication) with the person and connection id. A hint for
+    /// people reading server-side logs, not proof: a session can SET it.
+    #[arg(
+        long = "audit-stamp-application-name",
+        env = "RDS_IAM_PROXY_AUDIT_STAMP_APPLICATION_NAME"
+    )]
+    pub stamp_application_name: bool,
+
     /// Statement text kept per record; longer text is cut and its SHA-256
     /// recorded.
     #[arg(

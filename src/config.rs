@@ -182,6 +182,7 @@ pub struct AuditFile {
     pub mode: Option<String>,
     pub dir: Option<PathBuf>,
     pub parameters: Option<bool>,
+    pub stamp_application_name: Option<bool>,
     pub max_statement: Option<usize>,
     pub rotate_size: Option<u64>,
     pub rotate_age: Option<String>,
@@ -622,8 +623,9 @@ impl Config {
         }
         let _ = writeln!(
             s,
-            "parameters = {}\nmax_statement = {}\nrotate_size = {}\nrotate_age = {}\nqueue = {}\nallow_password_changes = {}",
+            "parameters = {}\nstamp_application_name = {}\nmax_statement = {}\nrotate_size = {}\nrotate_age = {}\nqueue = {}\nallow_password_changes = {}",
             a.parameters,
+            a.stamp_application_name,
             a.max_statement_bytes,
             a.rotate_bytes / (1024 * 1024),
             d(a.rotate_age),
@@ -743,6 +745,11 @@ fn merge_audit(
         dir,
         password_guard: !allow_password_changes,
         parameters: pick(given("parameters"), a.parameters, t.parameters),
+        stamp_application_name: pick(
+            given("stamp_application_name"),
+            a.stamp_application_name,
+            t.stamp_application_name,
+        ),
         max_statement_bytes: pick(given("max_statement"), a.max_statement, t.max_statement).max(64),
         rotate_bytes: pick(given("rotate_mib"), a.rotate_mib, t.rotate_size).max(1) * 1024 * 1024,
         rotate_age: rotate_age.max(Duration::from_secs(1)),

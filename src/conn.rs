@@ -157,7 +157,8 @@ async fn run(ctx: Arc<AppContext>, ep: Arc<EndpointContext>, socket: Socket, pee
     let database = startup.database().to_owned();
     let span = info_span!("session", user = %user, database = %database);
     async move {
-        let (upstream, identity) = match open_session(&ctx, &ep, &live, &config, &startup).await {
+        let (upstream, identity) = match open_session(&ctx, &ep, &live, &config, &startup, id).await
+        {
             Ok(s) => s,
             Err(e) => {
                 let who = (id, &peer, Some((user.as_str(), database.as_str())));
@@ -168,6 +169,7 @@ async fn run(ctx: Arc<AppContext>, ep: Arc<EndpointContext>, socket: Socket, pee
         let Upstream {
             stream: mut up,
             addr,
+            backend_start,
             backend_key,
             minor,
             greeting,
@@ -207,6 +209,9 @@ async fn run(ctx: Arc<AppContext>, ep: Arc<EndpointContext>, socket: Socket, pee
             database: database.clone(),
             application_name: startup.param("application_name").unwrap_or("").to_owned(),
             backend_pid,
+            upstream_local_addr: backend_start.local,
+            backend_start_window: Some((backend_start.after, backend_start.before)),
+            session_id: backend_pid.and_then(|pid| backend_start.session_id(pid)),
             ..Default::default()
         };
         if !ctx
@@ -346,6 +351,7 @@ async fn open_session(
     live: &EndpointTls,
     config: &Config,
     startup: &StartupMessage,
+    id: u64,
 ) -> Result<(Upstream, Arc<Identity>), ConnError> {
     if startup.param("replication").is_some_and(|v| {
         !matches!(
@@ -369,17 +375,51 @@ async fn open_session(
     );
     ctx.metrics.token_signed();
     let began = Instant::now();
-    let login = upstream::login(
-        &live.endpoint,
-        &startup.params,
-        startup.negotiated(),
-        &token,
-    );
+    let stamped;
+    let params = if ctx.audit.config.stamp_application_name {
+        stamped = stamp_application_name(&startup.params, &identity.user_name, id);
+        &stamped
+    } else {
+        &startup.params
+    };
+    let login = upstream::login(&live.endpoint, params, startup.negotiated(), &token);
     let upstream = tokio::time::timeout(config.login_timeout, login)
         .await
         .map_err(|_| ConnError::LoginTimeout(config.login_timeout))??;
     ctx.metrics.upstream_login(began.elapsed());
     Ok((upstream, identity))
+}
+
+/// The startup parameters with `application_name` prefixed by the person
+/// and connection id, cut to the 63 bytes the server keeps (on a
+/// character boundary) so the prefix survives.
+fn stamp_application_name(
+    params: &[(String, String)],
+    person: &str,
+    id: u64,
+) -> Vec<(String, String)> {
+    const KEPT: usize = 63;
+    let mut out: Vec<(String, String)> = params
+        .iter()
+        .filter(|(k, _)| k != "application_name")
+        .cloned()
+        .collect();
+    let given = params
+        .iter()
+        .find(|(k, _)| k == "application_name")
+        .map_or("", |(_, v)| v.as_str());
+    let mut name = format!("rds-iam-proxy:{person}:{id}");
+    if !given.is_empty() {
+        name.push(' ');
+        name.push_str(given);
+    }
+    let mut end = name.len().min(KEPT);
+    while !name.is_char_boundary(end) {
+        end -= 1;
+    }
+    name.truncate(end);
+    out.push(("application_name".to_owned(), name));
+    out
 }
 
 /// Logs the failure and, where possible, tells the client why.

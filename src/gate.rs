@@ -483,9 +483,9 @@ pub fn server_wanted(tag: u8) -> Option<usize> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::audit::AuditConfig;
     use crate::audit::tap::GUARD_SQL;
     use crate::pg::messages;
-    use crate::audit::AuditConfig;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     fn q(sql: &str) -> Vec<u8> {
@@ -667,7 +667,10 @@ mod tests {
         assert_eq!(got.len(), 3, "{texts:?}");
         let refused = String::from_utf8_lossy(&got[0].1);
         assert!(refused.contains("ERRCODE = '53000'"), "{refused}");
-        assert!(refused.contains("statement of 2097167 bytes refused"), "{refused}");
+        assert!(
+            refused.contains("statement of 2097167 bytes refused"),
+            "{refused}"
+        );
         assert_eq!(got[1].1, q(&fits)[5..], "the next long statement whole");
         assert_eq!(got[2].1, q("select 3")[5..]);
         assert_eq!(auditor.limits.hold.used(), 0);

@@ -4,7 +4,7 @@
 use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::BytesMut;
 use rustls::ClientConfig;
@@ -50,6 +50,7 @@ pub const READY_FOR_QUERY_LEN: usize = 6;
 pub struct Upstream {
     pub stream: TlsStream<TcpStream>,
     pub addr: SocketAddr,
+    pub backend_start: BackendStart,
     /// The server's cancel key, if it sent one.
     pub backend_key: Option<CancelKey>,
     /// The minor protocol version the server settled on.
@@ -131,11 +132,46 @@ fn configure_socket(tcp: &TcpStream) {
     let _ = sock.set_tcp_user_timeout(Some(Duration::from_secs(60)));
 }
 
+/// When and from where the server's process for this connection began,
+/// as the proxy can tell without asking: the join keys with Database
+/// Activity Streams (`remoteHost`/`remotePort`, and `sessionId`, whose
+/// first half is the backend's start second).
+#[derive(Debug, Clone, Copy)]
+pub struct BackendStart {
+    /// This end of the upstream socket, as the server sees it (unless
+    /// something translates addresses in between).
+    pub local: Option<SocketAddr>,
+    /// The TCP connection was up: the server forks its backend after.
+    pub after: SystemTime,
+    /// The backend answered the SSLRequest: it was running before.
+    pub before: SystemTime,
+}
+
+impl BackendStart {
+    /// PostgreSQL's session id (`%c`: start time and pid in hex) when the
+    /// start window lies within one second of the proxy's clock, else
+    /// `None`. An estimate: it assumes the two clocks agree.
+    pub fn session_id(&self, pid: i32) -> Option<String> {
+        let secs = |t: SystemTime| t.duration_since(UNIX_EPOCH).ok().map(|d| d.as_secs());
+        let (from, to) = (secs(self.after)?, secs(self.before)?);
+        (from == to).then(|| format!("{from:x}.{pid:x}"))
+    }
+}
+
 /// Opens a TLS session to the endpoint (after SSLRequest/'S').
 pub async fn connect_tls(
     ep: &Endpoint,
     addr_hint: Option<SocketAddr>,
 ) -> Result<(TlsStream<TcpStream>, SocketAddr), UpstreamError> {
+    let (stream, addr, _) = connect_tls_timed(ep, addr_hint).await?;
+    Ok((stream, addr))
+}
+
+/// [`connect_tls`], and when the server's backend started.
+pub async fn connect_tls_timed(
+    ep: &Endpoint,
+    addr_hint: Option<SocketAddr>,
+) -> Result<(TlsStream<TcpStream>, SocketAddr, BackendStart), UpstreamError> {
     let (mut tcp, addr) = match addr_hint {
         Some(addr) => {
             let tcp = tokio::time::timeout(ep.connect_timeout, TcpStream::connect(addr))
@@ -150,6 +186,8 @@ pub async fn connect_tls(
         }
         None => dial(ep).await?,
     };
+    let after = SystemTime::now();
+    let local = tcp.local_addr().ok();
     let mut req = BytesMut::new();
     startup::encode_ssl_request(&mut req);
     tcp.write_all(&req).await?;
@@ -159,6 +197,7 @@ pub async fn connect_tls(
     if tcp.read(&mut answer).await? == 0 {
         return Err(UpstreamError::Closed);
     }
+    let before = SystemTime::now();
     if answer[0] != b'S' {
         return Err(UpstreamError::TlsRefused {
             addr,
@@ -176,7 +215,12 @@ pub async fn connect_tls(
             host: ep.host.clone(),
             source,
         })?;
-    Ok((stream, addr))
+    let start = BackendStart {
+        local,
+        after,
+        before,
+    };
+    Ok((stream, addr, start))
 }
 
 /// Connects and logs in as the startup parameters say, answering the
@@ -189,7 +233,7 @@ pub async fn login(
     version: ProtocolVersion,
     token: &Secret,
 ) -> Result<Upstream, UpstreamError> {
-    let (mut stream, addr) = connect_tls(ep, None).await?;
+    let (mut stream, addr, backend_start) = connect_tls_timed(ep, None).await?;
     let tls = crate::tls::summary(stream.get_ref().1);
 
     let mut out = BytesMut::with_capacity(512);
@@ -273,6 +317,7 @@ pub async fn login(
                 return Ok(Upstream {
                     stream,
                     addr,
+                    backend_start,
                     backend_key,
                     minor,
                     greeting,

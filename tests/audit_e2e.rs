@@ -13,6 +13,9 @@ use support::bed::{AwsHome, Bed, sso_setup, unique_temp_path};
 use support::proxy::{Proxy, clean_pg_env, run};
 
 const DEADLINE: Duration = Duration::from_secs(30);
+/// The session's pid and PostgreSQL's `%c` session id, as the server has
+/// them.
+const SESSION_ID_SQL: &str = "select pid, to_hex(floor(extract(epoch from backend_start))::bigint) || '.' || to_hex(pid) from pg_stat_activity where pid = pg_backend_pid()";
 const GUARD_MESSAGE: &str = "password changes are not allowed through rds-iam-proxy";
 
 fn audited(bed: &Bed, home: &AwsHome, mode: &str, dir: &Path) -> Proxy {
@@ -106,13 +109,15 @@ fn psql_session_produces_exactly_the_expected_records() {
         "-c",
         "select 1 as one; select 2",
         "-c",
-        "select pg_backend_pid()",
+        SESSION_ID_SQL,
         "-c",
         "select nosuchcolumn",
     ]));
     assert!(!ok, "the last statement fails");
     assert!(err.contains("nosuchcolumn"), "{err}");
-    let pid: i64 = out.lines().nth(2).unwrap().trim().parse().unwrap();
+    // The server's own view of the session: its pid and its `%c` id.
+    let (pid, session_id) = out.lines().nth(2).unwrap().split_once('|').unwrap();
+    let pid: i64 = pid.parse().unwrap();
 
     let all = wait_record(&dir, |r| r["type"] == "session_end");
     let start = all.iter().find(|r| r["type"] == "session_start").unwrap();
@@ -131,6 +136,16 @@ fn psql_session_produces_exactly_the_expected_records() {
             .unwrap()
             .contains("AWSReservedSSO_DatabaseAdmin")
     );
+    assert_eq!(
+        start["session_id"], session_id,
+        "Activity Streams' sessionId, estimated without a query: {start}"
+    );
+    assert_eq!(start["upstream_local_host"], "127.0.0.1");
+    assert!(start["upstream_local_port"].as_u64().unwrap() > 0);
+    assert!(
+        start["backend_started_after"].as_str() <= start["backend_started_before"].as_str(),
+        "{start}"
+    );
     assert!(start["access_key_id"].as_str().unwrap().starts_with("ASIA"));
     assert!(start["client_tls"].as_str().unwrap().contains("TLSv1_3"));
     assert!(start.get("secret_access_key").is_none());
@@ -142,7 +157,7 @@ fn psql_session_produces_exactly_the_expected_records() {
         "statement n=1 part=2/2 \"simple\" \"select 2\"",
         "outcome n=1 part=1 \"SELECT 1\" rows=1",
         "outcome n=1 part=2 \"SELECT 1\" rows=1",
-        "statement n=2 part=1/1 \"simple\" \"select pg_backend_pid()\"",
+        &format!("statement n=2 part=1/1 \"simple\" \"{SESSION_ID_SQL}\""),
         "outcome n=2 part=1 \"SELECT 1\" rows=1",
         "statement n=3 part=1/1 \"simple\" \"select nosuchcolumn\"",
         "outcome n=3 part=1 \"42703\"",
@@ -166,11 +181,15 @@ fn psql_session_produces_exactly_the_expected_records() {
     let text = std::fs::read_to_string(&file).unwrap();
     let line = text
         .lines()
-        .position(|l| l.contains("select pg_backend_pid()"))
+        .position(|l| l.contains("from pg_stat_activity where pid"))
         .unwrap();
     std::fs::write(
         &file,
-        text.replacen("select pg_backend_pid()", "select 42", 1),
+        text.replacen(
+            "from pg_stat_activity where pid",
+            "from pg_stat_activity where 42",
+            1,
+        ),
     )
     .unwrap();
     let (ok, _, err) = verify_cli(&[&file]);
@@ -535,7 +554,10 @@ async fn a_statement_too_long_to_hold_is_refused_and_outcomes_stay_in_place() {
     let db = err.as_db_error().expect("an error from the server");
     assert_eq!(db.code().code(), "54000", "{db:?}");
     assert!(db.message().contains("longer than"), "{}", db.message());
-    let rows = client.simple_query("select 'after' as after_marker").await.unwrap();
+    let rows = client
+        .simple_query("select 'after' as after_marker")
+        .await
+        .unwrap();
     assert_eq!(rows.len(), 3, "columns, a row and the command tag");
     drop(client);
 
@@ -550,7 +572,10 @@ async fn a_statement_too_long_to_hold_is_refused_and_outcomes_stay_in_place() {
         .filter(|r| r["type"] == "statement" || r["type"] == "outcome")
         .map(brief)
         .collect();
-    let text = format!("\"<statement of {} bytes not held by rds-iam-proxy>\"", long.len() + 6);
+    let text = format!(
+        "\"<statement of {} bytes not held by rds-iam-proxy>\"",
+        long.len() + 6
+    );
     assert_eq!(
         got,
         [
@@ -565,5 +590,34 @@ async fn a_statement_too_long_to_hold_is_refused_and_outcomes_stay_in_place() {
         .find(|r| r["type"] == "statement" && r["n"] == 1 && r["conn"] == conn)
         .unwrap();
     assert_eq!(refused["refused"], "too long to audit");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// With stamping on, the server (and so Activity Streams'
+/// clientApplication) sees the person and connection id before the
+/// client's own application_name; the audit record keeps the client's.
+#[test]
+fn application_name_is_stamped_when_asked() {
+    let Some((bed, home)) = sso_setup("application_name_is_stamped_when_asked", "aud_stamp") else {
+        return;
+    };
+    let dir = unique_temp_path("rdsiam-audit");
+    let proxy = Proxy::builder(bed, &home)
+        .arg("--audit-mode", "async")
+        .arg("--audit-dir", &dir)
+        .env("RDS_IAM_PROXY_AUDIT_STAMP_APPLICATION_NAME", "true")
+        .start();
+    let (ok, out, err) = run(proxy.psql("aud_stamp", "application_name=report").args([
+        "-c",
+        "select application_name from pg_stat_activity where pid = pg_backend_pid()",
+    ]));
+    assert!(ok, "{out}{err}");
+    let all = wait_record(&dir, |r| r["type"] == "session_end");
+    let start = all.iter().find(|r| r["type"] == "session_start").unwrap();
+    assert_eq!(start["application_name"], "report");
+    assert_eq!(
+        out.trim(),
+        format!("rds-iam-proxy:aud_stamp:{} report", start["conn"])
+    );
     let _ = std::fs::remove_dir_all(&dir);
 }

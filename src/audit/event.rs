@@ -38,6 +38,12 @@ pub struct SessionStart {
     /// The server process id from BackendKeyData: the join key with
     /// Database Activity Streams' `pid`.
     pub backend_pid: Option<i32>,
+    /// This end of the upstream socket: DAS `remoteHost`/`remotePort`.
+    pub upstream_local_addr: Option<std::net::SocketAddr>,
+    /// The backend started between these times (proxy clock).
+    pub backend_start_window: Option<(SystemTime, SystemTime)>,
+    /// DAS `sessionId` (`%c`) as estimated from the window.
+    pub session_id: Option<String>,
 }
 
 /// A refused connection.

@@ -57,6 +57,9 @@ pub struct AuditConfig {
     /// Write Bind parameter values (off by default: they can hold personal
     /// data).
     pub parameters: bool,
+    /// Prefix the upstream application_name with the person and the
+    /// connection id (off by default; a hint, not proof).
+    pub stamp_application_name: bool,
     /// Statement text kept per record; longer text is cut and hashed.
     pub max_statement_bytes: usize,
     pub rotate_bytes: u64,
@@ -71,6 +74,7 @@ impl Default for AuditConfig {
             dir: None,
             password_guard: true,
             parameters: false,
+            stamp_application_name: false,
             max_statement_bytes: 64 * 1024,
             rotate_bytes: 256 * 1024 * 1024,
             rotate_age: Duration::from_secs(24 * 3600),
@@ -98,6 +102,14 @@ impl Auditor {
                 rotate_age: config.rotate_age,
                 queue_capacity: config.queue_capacity,
                 parameters: config.parameters,
+                settings: format!(
+                    "mode={:?} parameters={} password_guard={} max_statement_bytes={}",
+                    config.mode,
+                    config.parameters,
+                    config.password_guard,
+                    config.max_statement_bytes
+                )
+                .to_lowercase(),
             })?),
         };
         Ok(Self {

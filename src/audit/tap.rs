@@ -18,8 +18,8 @@ use std::time::SystemTime;
 use tokio::sync::oneshot;
 
 use super::event::{Event, Outcome, Protocol, Statement, Text};
-use super::model::{Answer, Lexing, Model, Portal, Prepared, Sent};
 use super::limits::INLINE_PARSE_LIMIT;
+use super::model::{Answer, Lexing, Model, Portal, Prepared, Sent};
 use super::{Auditor, Mode, redact};
 use crate::pg::messages;
 
@@ -746,7 +746,13 @@ mod tests {
         assert!(String::from_utf8_lossy(&inject).contains("'54000'"));
         t.server_message(b'E', b"C54000\0Mtoo long\0\0");
         t.server_message(b'Z', b"I");
-        t.refuse_long(b'P', b"s1\0select", 3_000_000, Refusal::NoMemory, &mut inject);
+        t.refuse_long(
+            b'P',
+            b"s1\0select",
+            3_000_000,
+            Refusal::NoMemory,
+            &mut inject,
+        );
         let mut expect = Vec::new();
         messages::write_parse(&mut expect, b"s1", &Refusal::NoMemory.sql(3_000_000));
         assert_eq!(inject, expect);
@@ -777,10 +783,13 @@ mod tests {
             t.client_message(b'S', b"", true, &mut inject),
             Verdict::Hold
         ));
-        assert!(matches!(
-            t.client_message(b'c', b"", true, &mut inject),
-            Verdict::Forward
-        ), "CopyDone is never held");
+        assert!(
+            matches!(
+                t.client_message(b'c', b"", true, &mut inject),
+                Verdict::Forward
+            ),
+            "CopyDone is never held"
+        );
         // Its entry counts too: two answers make room for one more.
         t.server_message(b'Z', b"I");
         assert!(matches!(

@@ -182,6 +182,7 @@ mod tests {
             rotate_age: std::time::Duration::from_secs(3600),
             queue_capacity: 1024,
             parameters: false,
+            settings: String::new(),
         })
         .unwrap();
         for i in 0..events {
@@ -232,7 +233,8 @@ mod tests {
         assert_eq!(s.last_seq, s.records);
         // A later start continues the chain in a new file.
         let more = write_log(&dir, 3, 1 << 20);
-        assert_eq!(verify(&more).unwrap().records, s.records + 5);
+        // file_start, audit_start, 3 events, audit_stop, file_end.
+        assert_eq!(verify(&more).unwrap().records, s.records + 7);
         // Leaving a middle file out is a gap.
         let mut gap = more.clone();
         gap.remove(1);
@@ -248,7 +250,7 @@ mod tests {
         let f = &files[0];
         let pristine = std::fs::read(f).unwrap();
 
-        edit(f, |l| l[4] = l[4].replace("\"conn\":3", "\"conn\":4"));
+        edit(f, |l| l[4] = l[4].replace("\"conn\":2", "\"conn\":4"));
         let b = broken(&files);
         assert_eq!((b.line, b.seq), (6, Some(6)));
         assert!(b.problem.contains("seq 5) was changed"), "{}", b.problem);

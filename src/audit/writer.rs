@@ -35,6 +35,8 @@ pub struct WriterConfig {
     pub queue_capacity: usize,
     /// Bind parameter values are written (off by default).
     pub parameters: bool,
+    /// What the `audit_start` record says about the settings in force.
+    pub settings: String,
 }
 
 /// Counters for metrics and the log. Plain atomics so any exporter can read
@@ -168,6 +170,13 @@ impl Sink {
     }
 }
 
+/// This process, as the audit start and stop records name it:
+/// `host:pid`.
+fn instance() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+    format!("{}:{}", host.trim(), std::process::id())
+}
+
 /// The head of the chain: the last record's sequence number and hash.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Head {
@@ -224,11 +233,23 @@ impl Writer {
             line: Vec::with_capacity(4096),
             parts: Vec::new(),
         };
+        let settings = w.config.settings.clone();
         w.new_file(previous.as_deref(), "start")
+            .and_then(|()| {
+                // PCI DSS 10.2: the trail says when auditing starts and
+                // stops, by which process, with which settings.
+                w.record("audit_start", SystemTime::now(), |o| {
+                    o.str("instance", &instance())
+                        .str("version", env!("CARGO_PKG_VERSION"))
+                        .str("settings", &settings);
+                })
+            })
+            .and_then(|()| w.sync())
             .map_err(|source| WriterError::File {
                 file: w.path.clone(),
                 source,
             })?;
+        w.durable = w.head;
         Ok(w)
     }
 
@@ -458,6 +479,9 @@ impl Writer {
                 let _ = a.send(ok);
             }
             if closed {
+                let _ = self.record("audit_stop", SystemTime::now(), |o| {
+                    o.str("instance", &instance()).str("reason", "shutdown");
+                });
                 let _ = self.record("file_end", SystemTime::now(), |o| {
                     o.raw("next_seq", "null").str("reason", "shutdown");
                 });
@@ -494,6 +518,15 @@ impl Writer {
                         .str("database", &s.database)
                         .str("application_name", &s.application_name)
                         .opt_num("backend_pid", s.backend_pid);
+                    if let Some(local) = s.upstream_local_addr {
+                        o.str("upstream_local_host", &local.ip().to_string())
+                            .num("upstream_local_port", local.port());
+                    }
+                    if let Some((after, before)) = s.backend_start_window {
+                        o.time("backend_started_after", after)
+                            .time("backend_started_before", before);
+                    }
+                    o.opt_str("session_id", s.session_id.as_deref());
                 },
             ),
             Event::Denial(d) => {
@@ -666,6 +699,7 @@ mod tests {
             rotate_age: Duration::from_secs(3600),
             queue_capacity: 16,
             parameters: false,
+            settings: String::new(),
         })
         .unwrap();
         sink.close();
@@ -677,5 +711,44 @@ mod tests {
             assert_eq!(mode(&f), 0o600, "{}", f.display());
         }
         let _ = std::fs::remove_dir_all(&base);
+    }
+
+    /// The trail says when auditing started and stopped, and by whom.
+    #[test]
+    fn audit_start_and_stop_are_recorded() {
+        let dir = std::env::temp_dir().join(format!("rdsiam-startstop-{}", std::process::id()));
+        let sink = Sink::start(WriterConfig {
+            dir: dir.clone(),
+            rotate_bytes: 1 << 20,
+            rotate_age: Duration::from_secs(3600),
+            queue_capacity: 16,
+            parameters: false,
+            settings: "mode=sync".into(),
+        })
+        .unwrap();
+        sink.close();
+        let files = audit_files(&dir).unwrap();
+        let text = std::fs::read_to_string(&files[0]).unwrap();
+        let types: Vec<String> = text
+            .lines()
+            .map(|l| {
+                let v: serde_json::Value = serde_json::from_str(l).unwrap();
+                if v["type"] == "audit_start" {
+                    assert_eq!(v["settings"], "mode=sync");
+                    assert!(
+                        v["instance"]
+                            .as_str()
+                            .unwrap()
+                            .ends_with(&format!(":{}", std::process::id()))
+                    );
+                }
+                v["type"].as_str().unwrap().to_owned()
+            })
+            .collect();
+        assert_eq!(
+            types,
+            ["file_start", "audit_start", "audit_stop", "file_end"]
+        );
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }
