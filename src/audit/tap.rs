@@ -205,12 +205,12 @@ impl SessionTap {
     /// done, else `None` (started now, or still running). The gate judges
     /// the same message again, so the job is matched by length.
     fn parse_off_loop(&mut self, text: &[u8]) -> Option<Option<bool>> {
-        if let Some(job) = &mut self.job {
-            if job.len == text.len() {
-                let done = job.done.take()?;
-                self.job = None;
-                return Some(done);
-            }
+        if let Some(job) = &mut self.job
+            && job.len == text.len()
+        {
+            let done = job.done.take()?;
+            self.job = None;
+            return Some(done);
         }
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
             return Some(redact::password_change(text));

@@ -239,7 +239,7 @@ impl Writer {
                 // PCI DSS 10.2: the trail says when auditing starts and
                 // stops, by which process, with which settings.
                 w.record("audit_start", SystemTime::now(), |o| {
-                    o.str("instance", &instance())
+                    o.str("instance", instance())
                         .str("version", env!("CARGO_PKG_VERSION"))
                         .str("settings", &settings);
                 })
@@ -480,7 +480,7 @@ impl Writer {
             }
             if closed {
                 let _ = self.record("audit_stop", SystemTime::now(), |o| {
-                    o.str("instance", &instance()).str("reason", "shutdown");
+                    o.str("instance", instance()).str("reason", "shutdown");
                 });
                 let _ = self.record("file_end", SystemTime::now(), |o| {
                     o.raw("next_seq", "null").str("reason", "shutdown");
@@ -519,7 +519,7 @@ impl Writer {
                         .str("application_name", &s.application_name)
                         .opt_num("backend_pid", s.backend_pid);
                     if let Some(local) = s.upstream_local_addr {
-                        o.str("upstream_local_host", &local.ip().to_string())
+                        o.str("upstream_local_host", local.ip().to_string())
                             .num("upstream_local_port", local.port());
                     }
                     if let Some((after, before)) = s.backend_start_window {
