@@ -94,14 +94,13 @@ async fn exchange(mut sock: TcpStream, app: &AppContext, eps: &[Arc<EndpointCont
             ),
         },
         "/metrics" => {
+            use std::sync::atomic::Ordering::Relaxed;
             if let Some(audit) = app.audit.stats() {
-                use std::sync::atomic::Ordering::Relaxed;
                 app.metrics
                     .set_audit_queue_depth(audit.queue_depth.load(Relaxed));
                 app.metrics.set_audit_dropped(audit.dropped.load(Relaxed));
             }
             {
-                use std::sync::atomic::Ordering::Relaxed;
                 let limits = &app.audit.limits;
                 app.metrics.set_audit_hold(
                     limits.hold.used() as u64,

@@ -460,3 +460,40 @@ async fn refuse(
         let _ = stream.shutdown().await;
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::stamp_application_name;
+
+    fn stamped(params: &[(&str, &str)], person: &str) -> String {
+        let params: Vec<(String, String)> = params
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect();
+        let out = stamp_application_name(&params, person, 42);
+        assert_eq!(
+            out.len(),
+            params.len() + usize::from(!params.iter().any(|(k, _)| k == "application_name"))
+        );
+        out.into_iter()
+            .find(|(k, _)| k == "application_name")
+            .unwrap()
+            .1
+    }
+
+    /// The prefix comes first and survives the server's 63-byte cut; the
+    /// cut never splits a character.
+    #[test]
+    fn application_name_stamp_keeps_the_prefix_within_63_bytes() {
+        assert_eq!(stamped(&[("user", "ari")], "ari"), "rds-iam-proxy:ari:42");
+        assert_eq!(
+            stamped(&[("application_name", "psql"), ("user", "ari")], "ari"),
+            "rds-iam-proxy:ari:42 psql"
+        );
+        // "rds-iam-proxy:ar:42 " is 20 bytes, so byte 63 would split an é.
+        let long = stamped(&[("application_name", &"é".repeat(40))], "ar");
+        assert!(long.len() <= 63, "{}", long.len());
+        assert_eq!(long.len(), 62, "the cut falls back to a character boundary");
+        assert!(long.starts_with("rds-iam-proxy:ar:42 é"));
+    }
+}

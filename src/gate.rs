@@ -484,6 +484,7 @@ pub fn server_wanted(tag: u8) -> Option<usize> {
 mod tests {
     use super::*;
     use crate::audit::AuditConfig;
+    use crate::audit::limits::HOLD_BUDGET;
     use crate::audit::tap::GUARD_SQL;
     use crate::pg::messages;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -499,18 +500,6 @@ mod tests {
     /// judged only once what came before it was answered).
     #[tokio::test]
     async fn refuses_in_place_and_keeps_order() {
-        let (mut client, mut proxy_client) = tokio::io::duplex(64);
-        let (mut proxy_up, mut server) = tokio::io::duplex(64);
-        let auditor = Arc::new(Auditor {
-            config: AuditConfig::default(),
-            sink: None,
-            limits: Default::default(),
-        });
-        let task = tokio::spawn(async move {
-            let mut tap = SessionTap::new(1, auditor);
-            let r = forward_tapped(&mut proxy_client, &mut proxy_up, &mut tap).await;
-            (r, tap.refused)
-        });
         let long = format!("select '{}'", "x".repeat(100_000));
         let mut sent = Vec::new();
         sent.extend(q("select 1"));
@@ -518,33 +507,8 @@ mod tests {
         sent.extend(q("select 2"));
         sent.extend(q(&long));
         sent.extend([b'X', 0, 0, 0, 4]);
-        let writer = tokio::spawn(async move {
-            client.write_all(&sent).await.unwrap();
-            client.shutdown().await.unwrap();
-            let mut rest = Vec::new();
-            client.read_to_end(&mut rest).await.unwrap();
-        });
-        // A server that answers each Query, so the held one is judged
-        // once `select 1` is answered (after the Flush the proxy adds).
-        let mut got = Vec::new();
-        loop {
-            let mut header = [0u8; 5];
-            if server.read_exact(&mut header).await.is_err() {
-                break;
-            }
-            let len = u32::from_be_bytes(header[1..].try_into().unwrap()) as usize;
-            let mut body = vec![0; len - 4];
-            server.read_exact(&mut body).await.unwrap();
-            got.extend_from_slice(&header);
-            got.extend_from_slice(&body);
-            if header[0] == b'Q' {
-                let mut answer = Vec::new();
-                answer.extend([b'C', 0, 0, 0, 13]);
-                answer.extend(b"SELECT 1\0");
-                answer.extend([b'Z', 0, 0, 0, 5, b'I']);
-                server.write_all(&answer).await.unwrap();
-            }
-        }
+        // Tiny pipes: every write and read is partial.
+        let (got, r, refused) = through(auditor(HOLD_BUDGET), sent, 64).await;
         let mut expect = Vec::new();
         expect.extend(q("select 1"));
         expect.extend(FLUSH);
@@ -552,11 +516,9 @@ mod tests {
         expect.extend(q("select 2"));
         expect.extend(q(&long));
         expect.extend([b'X', 0, 0, 0, 4]);
+        let got = wire(&got);
         assert_eq!(got.len(), expect.len());
         assert!(got == expect, "server saw different bytes");
-        drop(server);
-        writer.await.unwrap();
-        let (r, refused) = task.await.unwrap();
         let (traffic, ending) = r.unwrap();
         assert_eq!(refused, 1);
         assert_eq!(ending, Ending::ClientTerminated);
@@ -586,6 +548,17 @@ mod tests {
         }
     }
 
+    /// Frames back as the bytes on the wire.
+    fn wire(frames: &[(u8, Vec<u8>)]) -> Vec<u8> {
+        let mut out = Vec::new();
+        for (tag, body) in frames {
+            out.push(*tag);
+            out.extend((body.len() as u32 + 4).to_be_bytes());
+            out.extend(body);
+        }
+        out
+    }
+
     fn auditor(hold_bytes: usize) -> Arc<Auditor> {
         Arc::new(Auditor {
             config: AuditConfig::default(),
@@ -594,14 +567,37 @@ mod tests {
         })
     }
 
-    /// The client's bytes through a gate; returns what the server saw.
-    async fn through(auditor: Arc<Auditor>, sent: Vec<u8>) -> Vec<(u8, Vec<u8>)> {
-        let (mut client, mut proxy_client) = tokio::io::duplex(64 * 1024);
-        let (mut proxy_up, server) = tokio::io::duplex(64 * 1024);
+    type Session =
+        tokio::task::JoinHandle<(Result<(Traffic, Ending), (Traffic, ForwardError)>, u64)>;
+
+    /// A gate between two pipes of `size` bytes: the client's end, the
+    /// server's end, and the session (its result and refusals).
+    fn spawn_gate(
+        auditor: Arc<Auditor>,
+        size: usize,
+    ) -> (tokio::io::DuplexStream, tokio::io::DuplexStream, Session) {
+        let (client, mut proxy_client) = tokio::io::duplex(size);
+        let (mut proxy_up, server) = tokio::io::duplex(size);
         let task = tokio::spawn(async move {
             let mut tap = SessionTap::new(1, auditor);
-            let _ = forward_tapped(&mut proxy_client, &mut proxy_up, &mut tap).await;
+            let r = forward_tapped(&mut proxy_client, &mut proxy_up, &mut tap).await;
+            (r, tap.refused)
         });
+        (client, server, task)
+    }
+
+    /// The client's bytes through a gate to a server that answers each
+    /// Query: what the server saw, the session's result, its refusals.
+    async fn through(
+        auditor: Arc<Auditor>,
+        sent: Vec<u8>,
+        size: usize,
+    ) -> (
+        Vec<(u8, Vec<u8>)>,
+        Result<(Traffic, Ending), (Traffic, ForwardError)>,
+        u64,
+    ) {
+        let (mut client, server, task) = spawn_gate(auditor, size);
         let writer = tokio::spawn(async move {
             client.write_all(&sent).await.unwrap();
             client.shutdown().await.unwrap();
@@ -610,22 +606,16 @@ mod tests {
         });
         let got = answer_queries(server).await;
         writer.await.unwrap();
-        task.await.unwrap();
-        got
+        let (r, refused) = task.await.unwrap();
+        (got, r, refused)
     }
 
     /// A Query that declares 16 MiB and sends 40 KiB costs about 40 KiB,
     /// not 16 MiB; everything is given back when the session ends.
     #[tokio::test]
     async fn a_long_statement_grows_the_buffer_as_it_arrives() {
-        let auditor = auditor(crate::audit::limits::HOLD_BUDGET);
-        let (mut client, mut proxy_client) = tokio::io::duplex(64 * 1024);
-        let (mut proxy_up, server) = tokio::io::duplex(64 * 1024);
-        let a = auditor.clone();
-        let task = tokio::spawn(async move {
-            let mut tap = SessionTap::new(1, a);
-            let _ = forward_tapped(&mut proxy_client, &mut proxy_up, &mut tap).await;
-        });
+        let auditor = auditor(HOLD_BUDGET);
+        let (mut client, server, task) = spawn_gate(auditor.clone(), 64 * 1024);
         let declared = (HOLD_LIMIT - 1) as u32;
         let mut part = vec![b'Q'];
         part.extend(declared.to_be_bytes());
@@ -642,7 +632,7 @@ mod tests {
         assert!(used <= 2 * 40 * 1024, "{used} bytes held for 40 KiB");
         drop(client);
         drop(server);
-        task.await.unwrap();
+        let _ = task.await.unwrap();
         assert_eq!(hold.used(), 0, "given back at the end of the session");
     }
 
@@ -656,7 +646,7 @@ mod tests {
         let mut sent = q(&big);
         sent.extend(q(&fits));
         sent.extend(q("select 3"));
-        let got = through(auditor.clone(), sent).await;
+        let (got, _, _) = through(auditor.clone(), sent, 64 * 1024).await;
         let texts: Vec<String> = got
             .iter()
             .map(|(t, b)| {
@@ -681,13 +671,13 @@ mod tests {
     /// a password change is refused, anything else forwarded as sent.
     #[tokio::test]
     async fn long_texts_are_parsed_off_the_event_loop() {
-        let auditor = auditor(crate::audit::limits::HOLD_BUDGET);
+        let auditor = auditor(HOLD_BUDGET);
         let pad = "-".repeat(100 * 1024);
         let change = format!("ALTER ROLE me PASSWORD 'pw' -- {pad}");
         let other = format!("select 'no password here' -- {pad}");
         let mut sent = q(&change);
         sent.extend(q(&other));
-        let got = through(auditor.clone(), sent).await;
+        let (got, _, _) = through(auditor.clone(), sent, 64 * 1024).await;
         let queries: Vec<&Vec<u8>> = got
             .iter()
             .filter(|(t, _)| *t == b'Q')

@@ -687,21 +687,25 @@ mod tests {
     use super::*;
     use std::os::unix::fs::PermissionsExt;
 
+    /// A writer that never rotates during a test.
+    fn small(dir: &Path, settings: &str) -> WriterConfig {
+        WriterConfig {
+            dir: dir.to_owned(),
+            rotate_bytes: 1 << 20,
+            rotate_age: Duration::from_secs(3600),
+            queue_capacity: 16,
+            parameters: false,
+            settings: settings.to_owned(),
+        }
+    }
+
     /// The directory is created owner-only and every file is 0600, whatever
     /// the process umask would give.
     #[test]
     fn audit_files_are_owner_only() {
         let base = std::env::temp_dir().join(format!("rdsiam-modes-{}", std::process::id()));
         let dir = base.join("nested/audit");
-        let sink = Sink::start(WriterConfig {
-            dir: dir.clone(),
-            rotate_bytes: 1 << 20,
-            rotate_age: Duration::from_secs(3600),
-            queue_capacity: 16,
-            parameters: false,
-            settings: String::new(),
-        })
-        .unwrap();
+        let sink = Sink::start(small(&dir, "")).unwrap();
         sink.close();
         let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode(&dir), 0o700);
@@ -717,15 +721,7 @@ mod tests {
     #[test]
     fn audit_start_and_stop_are_recorded() {
         let dir = std::env::temp_dir().join(format!("rdsiam-startstop-{}", std::process::id()));
-        let sink = Sink::start(WriterConfig {
-            dir: dir.clone(),
-            rotate_bytes: 1 << 20,
-            rotate_age: Duration::from_secs(3600),
-            queue_capacity: 16,
-            parameters: false,
-            settings: "mode=sync".into(),
-        })
-        .unwrap();
+        let sink = Sink::start(small(&dir, "mode=sync")).unwrap();
         sink.close();
         let files = audit_files(&dir).unwrap();
         let text = std::fs::read_to_string(&files[0]).unwrap();
