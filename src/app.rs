@@ -276,6 +276,18 @@ impl Server {
         };
 
         crate::banner::log(&app, &endpoints).await;
+        let loopback_tcp = bound
+            .iter()
+            .any(|(l, _)| matches!(l, Listener::Tcp(t) if t.local_addr().is_ok_and(|a| a.ip().is_loopback())));
+        if loopback_tcp
+            && app.peers != PeerPolicy::Any
+            && let Some(e) = crate::peer::fast_path_error().await
+        {
+            warn!(
+                error = %e,
+                "the kernel's socket lookup (sock_diag over netlink) is not available: each loopback connection's user is found by reading /proc/net/tcp, slow with many sockets; allow AF_NETLINK (systemd: RestrictAddressFamilies)"
+            );
+        }
         // Lives as long as the process: warns before an SSO login that
         // cannot renew itself ends.
         tokio::spawn({

@@ -6,6 +6,7 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use bytes::BytesMut;
 use tokio::io::AsyncWriteExt;
@@ -94,24 +95,49 @@ impl CancelRegistry {
     }
 
     /// Forwards a cancel request if `key` is one of ours. Returns whether it
-    /// was; like PostgreSQL, the client is told nothing either way.
-    pub async fn cancel(&self, key: &CancelKey) -> Result<bool, upstream::UpstreamError> {
+    /// was; like PostgreSQL, the client is told nothing either way. The
+    /// whole exchange (connect, TLS, send, the server's close) is bounded
+    /// by [`CANCEL_TIMEOUT`], so a stalled server cannot hold the task.
+    pub async fn cancel(&self, key: &CancelKey) -> Result<bool, CancelError> {
         let target = self.map.lock().expect("lock poisoned").get(key).cloned();
         let Some(target) = target else {
             return Ok(false);
         };
-        let (mut stream, _) = upstream::connect_tls(&target.endpoint, Some(target.addr)).await?;
-        let mut out = BytesMut::new();
-        startup::encode_cancel(&mut out, &target.key);
-        stream.write_all(&out).await?;
-        stream.flush().await?;
-        // The server closes once it has acted; wait for that, briefly.
-        let mut sink = [0u8; 64];
-        let _ = tokio::time::timeout(
-            std::time::Duration::from_secs(5),
-            tokio::io::AsyncReadExt::read(&mut stream, &mut sink),
-        )
-        .await;
+        let send = async {
+            let (mut stream, _) =
+                upstream::connect_tls(&target.endpoint, Some(target.addr)).await?;
+            let mut out = BytesMut::new();
+            startup::encode_cancel(&mut out, &target.key);
+            stream.write_all(&out).await?;
+            stream.flush().await?;
+            // The server closes once it has acted; wait for that, briefly.
+            let mut sink = [0u8; 64];
+            let _ = tokio::time::timeout(
+                CANCEL_CLOSE_WAIT,
+                tokio::io::AsyncReadExt::read(&mut stream, &mut sink),
+            )
+            .await;
+            Ok::<_, upstream::UpstreamError>(())
+        };
+        tokio::time::timeout(CANCEL_TIMEOUT, send)
+            .await
+            .map_err(|_| CancelError::TimedOut(CANCEL_TIMEOUT))??;
         Ok(true)
     }
 }
+
+/// Why a cancel request with a known key did not reach the server.
+#[derive(Debug, thiserror::Error)]
+pub enum CancelError {
+    #[error(transparent)]
+    Upstream(#[from] upstream::UpstreamError),
+    #[error("the server did not take the cancel request within {0:?}")]
+    TimedOut(Duration),
+}
+
+/// The longest a cancel request is carried upstream, TLS handshake
+/// included.
+pub const CANCEL_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How long to wait for the server to close after the request was sent.
+const CANCEL_CLOSE_WAIT: Duration = Duration::from_secs(5);

@@ -45,7 +45,14 @@ pub async fn serve(
 ) {
     let id = ctx.next_connection_id();
     let span = info_span!("conn", id, endpoint = %ep.name, peer = %peer.addr);
-    run(ctx, ep, socket, peer, id).instrument(span).await;
+    async move {
+        // Who is behind a local connection is judged now, before any of
+        // its bytes is read, while the client's socket is live.
+        let verdict = crate::peer::check(&ctx.peers, &peer.local).await;
+        run(ctx, ep, socket, peer, verdict, id).await
+    }
+    .instrument(span)
+    .await;
     drop(slot);
 }
 
@@ -63,16 +70,26 @@ pub async fn refuse_too_many(
     let id = ctx.next_connection_id();
     let span = info_span!("conn", id, endpoint = %ep.name, peer = %peer.addr);
     async move {
+        let verdict = crate::peer::check(&ctx.peers, &peer.local).await;
         let config = ctx.config.load_full();
         let live = ep.live();
-        match negotiate(&ctx, &ep, &config, &live, socket, &peer, id).await {
-            Some((_, ClientRequest::Cancel(key))) => forward_cancel(&ctx, &key).await,
-            Some((stream, ClientRequest::Startup(s))) => {
+        match (
+            negotiate(&ctx, &ep, &config, &live, socket, &peer, id).await,
+            verdict,
+        ) {
+            (None, _) => {}
+            (Some((_, ClientRequest::Cancel(_))), Err(refusal)) => {
+                warn!(error = %refusal, "cancel request from a refused local user ignored")
+            }
+            (Some((_, ClientRequest::Cancel(key))), Ok(())) => forward_cancel(&ctx, &key).await,
+            (Some((stream, ClientRequest::Startup(s))), verdict) => {
                 let who = (id, &peer, Some((s.user(), s.database())));
-                let e = ConnError::TooManyConnections(limit);
+                let e = match verdict {
+                    Err(refusal) => ConnError::Peer(refusal),
+                    Ok(()) => ConnError::TooManyConnections(limit),
+                };
                 refuse(&ctx, &ep, who, Some(stream), e).await
             }
-            None => {}
         }
     }
     .instrument(span)
@@ -113,15 +130,43 @@ async fn negotiate(
 }
 
 async fn forward_cancel(ctx: &AppContext, key: &crate::pg::startup::CancelKey) {
-    ctx.metrics.connection("cancel");
+    use crate::throttle::Throttle;
+    use std::time::Duration;
+    // Anyone who can connect can send cancel requests with made-up keys.
+    static UNKNOWN: Throttle = Throttle::new(Duration::from_secs(10));
+    static FAILED: Throttle = Throttle::new(Duration::from_secs(10));
     match ctx.cancels.cancel(key).await {
-        Ok(true) => info!(pid = key.pid, "cancel request forwarded"),
-        Ok(false) => warn!(pid = key.pid, "cancel request with an unknown key ignored"),
-        Err(e) => warn!(pid = key.pid, error = %e, "cancel request could not be forwarded"),
+        Ok(true) => {
+            ctx.metrics.connection("cancel");
+            info!(pid = key.pid, "cancel request forwarded")
+        }
+        Ok(false) => {
+            ctx.metrics.connection("cancel_unknown_key");
+            if let Some(more) = UNKNOWN.admit(Instant::now()) {
+                warn!(
+                    pid = key.pid,
+                    not_logged_since = more,
+                    "cancel request with an unknown key ignored"
+                )
+            }
+        }
+        Err(e) => {
+            ctx.metrics.connection("cancel_failed");
+            if let Some(more) = FAILED.admit(Instant::now()) {
+                warn!(pid = key.pid, error = %e, not_logged_since = more, "cancel request could not be forwarded")
+            }
+        }
     }
 }
 
-async fn run(ctx: Arc<AppContext>, ep: Arc<EndpointContext>, socket: Socket, peer: Peer, id: u64) {
+async fn run(
+    ctx: Arc<AppContext>,
+    ep: Arc<EndpointContext>,
+    socket: Socket,
+    peer: Peer,
+    verdict: Result<(), crate::peer::PeerRefusal>,
+    id: u64,
+) {
     let started = Instant::now();
     // One snapshot for the whole connection: a reload never changes a
     // session under way.
@@ -131,7 +176,7 @@ async fn run(ctx: Arc<AppContext>, ep: Arc<EndpointContext>, socket: Socket, pee
     else {
         return;
     };
-    if let Err(refusal) = crate::peer::check(&ctx.peers, &peer.local) {
+    if let Err(refusal) = verdict {
         if let ClientRequest::Cancel(_) = request {
             warn!(error = %refusal, "cancel request from a refused local user ignored");
             return;

@@ -26,7 +26,8 @@
 //! Running it like infrastructure: [`config`] (flags > environment > TOML
 //! file), [`metrics`] and [`admin`] (health and Prometheus over HTTP),
 //! [`activity`] (idle timeout), [`systemd`] (readiness notification),
-//! [`log_text`] (text log lines a client cannot forge);
+//! [`log_text`] (text log lines a client cannot forge), [`throttle`]
+//! (log lines a stranger can cause, at a bounded rate);
 //! [`app`] owns the lifecycle (SIGHUP reload, SIGTERM drain).
 //!
 //! [`conn`] strings the stages together for one connection; [`app`] builds
@@ -58,6 +59,7 @@ pub mod pg;
 pub mod secret;
 pub mod stream;
 pub mod systemd;
+pub mod throttle;
 pub mod tls;
 pub mod token;
 pub mod upstream;

@@ -463,6 +463,75 @@ fn another_local_os_user_is_refused_on_loopback_tcp_and_unix_socket() {
     assert_eq!(out.trim(), "petra");
 }
 
+/// A local user who writes a StartupMessage and a statement, then closes,
+/// leaves a socket the kernel reports as uid 0's. The proxy runs as root
+/// here, so judging the peer from what is left after the close let the
+/// queued statement run as the proxy's person. Now only live sockets
+/// count: a peer with no live socket is refused.
+#[test]
+fn a_local_client_that_writes_and_closes_is_not_taken_for_root() {
+    let Some(bed) = Bed::shared("a_local_client_that_writes_and_closes") else {
+        return;
+    };
+    bed.create_iam_user("wanda");
+    let home = AwsHome::sso(bed, "wanda", "DatabaseAdmin");
+    let proxy = Proxy::builder(bed, &home).start();
+    let before = bed.verifier_lines_for("wanda");
+    let script = r#"
+import socket, struct, sys
+def packet(body):
+    return struct.pack("!I", len(body) + 4) + body
+startup = packet(struct.pack("!I", 3 << 16) + b"user\0wanda\0database\0mylab\0\0")
+sql = b"CREATE TABLE written_by_a_closed_socket_" + sys.argv[2].encode() + b" ()\0"
+query = b"Q" + struct.pack("!I", len(sql) + 4) + sql
+s = socket.create_connection(("127.0.0.1", int(sys.argv[1])))
+s.sendall(startup + query)
+try:
+    s.shutdown(socket.SHUT_WR)
+except OSError:
+    pass  # the proxy already answered and closed
+s.close()
+"#;
+    // The proxy is stopped while the clients connect, write and close (the
+    // kernel completes the connections in the listen backlog), so it looks
+    // at each peer only after the close, as a busy proxy would.
+    let rounds = 5;
+    proxy.signal("STOP");
+    for i in 0..rounds {
+        let mut cmd = Command::new("runuser");
+        cmd.args(["-u", "nobody", "--", "python3", "-c", script])
+            .arg(proxy.addr.port().to_string())
+            .arg(i.to_string())
+            .current_dir("/");
+        let (ok, _, err) = run(&mut cmd);
+        if !ok {
+            proxy.signal("CONT");
+        }
+        assert!(ok, "{err}");
+    }
+    std::thread::sleep(Duration::from_millis(200));
+    proxy.signal("CONT");
+    let log = eventually("every attempt judged", Duration::from_secs(20), || {
+        let log = proxy.log();
+        let judged =
+            log.matches("local peer refused").count() + log.matches("session started").count();
+        (judged >= rounds).then_some(log)
+    });
+    // Answered statements are done by the time the session is logged as ended.
+    std::thread::sleep(Duration::from_millis(500));
+    let made = bed.admin_sql(
+        "SELECT count(*) FROM pg_class WHERE relname LIKE 'written_by_a_closed_socket_%'",
+    );
+    assert_eq!(
+        made.trim(),
+        "0",
+        "a statement from a closed socket ran\n{log}"
+    );
+    assert_eq!(bed.verifier_lines_for("wanda"), before, "a token was used");
+    assert!(!log.contains("session started"), "{log}");
+    eprintln!("LOGDUMP {log}");
+}
+
 #[test]
 fn whoami_and_policy_print_what_people_need() {
     let Some(bed) = Bed::shared("whoami_and_policy") else {

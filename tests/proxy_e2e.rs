@@ -659,3 +659,85 @@ fn pgbench_pipeline_mode_through_proxy() {
     assert!(out.contains("number of failed transactions: 0"), "{out}");
     std::fs::remove_file(&script).unwrap();
 }
+
+/// Past the connection limit, cancel requests are still forwarded (they
+/// free capacity), but only from a local user who may use the proxy: the
+/// over-limit path used to skip the check. With the right key, `nobody`'s
+/// request is ignored and the statement runs on; the same request from the
+/// proxy's own user (root here) cancels it.
+#[tokio::test]
+async fn over_the_limit_cancel_requests_pass_the_local_user_check() {
+    let Some((bed, home)) = sso_setup("over_the_limit_cancel_requests", "arianna") else {
+        return;
+    };
+    let proxy = Proxy::builder(bed, &home)
+        .arg("--max-connections", "1")
+        .start();
+    // Plaintext is allowed on loopback: the raw client reads the key.
+    let mut s = TcpStream::connect(proxy.addr).await.unwrap();
+    let startup = raw::startup_packet(0, &[("user", "arianna"), ("database", "mylab")]);
+    s.write_all(&startup).await.unwrap();
+    let greeting = raw::read_until_ready(&mut s).await;
+    let key = greeting
+        .iter()
+        .find(|(tag, _)| *tag == b'K')
+        .map(|(_, body)| body.clone())
+        .unwrap_or_else(|| panic!("no BackendKeyData: {greeting:?}\n{}", proxy.log()));
+    let send_cancel = |as_user: &'static str| {
+        let mut request = vec![0, 0, 0, 16, 0x04, 0xd2, 0x16, 0x2e];
+        request.extend_from_slice(&key);
+        let hex: String = request.iter().map(|b| format!("{b:02x}")).collect();
+        let script = "import socket, sys\n\
+            s = socket.create_connection(('127.0.0.1', int(sys.argv[1])))\n\
+            s.sendall(bytes.fromhex(sys.argv[2]))\n\
+            s.settimeout(20)\n\
+            s.recv(1)\n";
+        let mut cmd = std::process::Command::new("runuser");
+        cmd.args(["-u", as_user, "--", "python3", "-c", script])
+            .arg(proxy.addr.port().to_string())
+            .arg(hex)
+            .current_dir("/");
+        let (ok, _, err) = run(&mut cmd);
+        assert!(ok, "{err}");
+    };
+    let query = |sql: &str| {
+        let mut msg = vec![b'Q'];
+        msg.extend_from_slice(&((sql.len() + 5) as u32).to_be_bytes());
+        msg.extend_from_slice(sql.as_bytes());
+        msg.push(0);
+        msg
+    };
+    let outcome = |answer: &[(u8, Vec<u8>)]| {
+        answer
+            .iter()
+            .find(|(tag, _)| *tag == b'E')
+            .map(|(_, body)| raw::error_fields(body).0)
+    };
+
+    s.write_all(&query("select pg_sleep(2)")).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    send_cancel("nobody");
+    let answer = raw::read_until_ready(&mut s).await;
+    assert_eq!(
+        outcome(&answer),
+        None,
+        "nobody's cancel request was forwarded\n{}",
+        proxy.log()
+    );
+    assert!(
+        proxy
+            .log()
+            .contains("cancel request from a refused local user ignored")
+    );
+
+    s.write_all(&query("select pg_sleep(30)")).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    send_cancel("root");
+    let answer = raw::read_until_ready(&mut s).await;
+    assert_eq!(
+        outcome(&answer).as_deref(),
+        Some("57014"),
+        "{}",
+        proxy.log()
+    );
+}
