@@ -318,25 +318,18 @@ impl Server {
 
     /// Re-reads the configuration and swaps what can change without
     /// touching established sessions: TLS files, CA bundles, timeouts,
-    /// limits. Listener addresses and endpoints need a restart; a reload
-    /// that changes them, or fails to load, is refused and the old
+    /// limits ([`crate::reloadable`] says which). A reload that changes a
+    /// start-only setting, or fails to load, is refused and the old
     /// configuration stays.
     pub fn reload(&self, new: Result<Config, ConfigError>) -> Result<(), String> {
         let new = new.map_err(|e| e.to_string())?;
         let old = self.app.config.load_full();
-        if new.endpoints.len() != old.endpoints.len()
-            || new.endpoints.iter().zip(&old.endpoints).any(|(a, b)| {
-                a.name != b.name
-                    || a.listen != b.listen
-                    || a.unix_socket != b.unix_socket
-                    || a.upstream_host != b.upstream_host
-                    || a.upstream_port != b.upstream_port
-            })
-            || new.admin.as_ref().map(|a| a.listen) != old.admin.as_ref().map(|a| a.listen)
-        {
-            return Err(
-                "endpoints, upstreams, listen addresses and the admin address can change only with a restart".into(),
-            );
+        let restart_only = crate::reloadable::start_only_changes(&old, &new);
+        if !restart_only.is_empty() {
+            return Err(format!(
+                "changed settings that apply only at a restart: {}; restart the proxy to change them (nothing was reloaded)",
+                restart_only.join(", ")
+            ));
         }
         let mut live = Vec::new();
         for e in &new.endpoints {

@@ -1124,4 +1124,41 @@ unix_socket = "/run/p"
         let e = load(&[], Some(&two.replace("\"reader\"", "\"writer\""))).unwrap_err();
         assert!(e.to_string().contains("endpoint[2].name"), "{e}");
     }
+
+    /// A reload names every start-only setting it would change, and lets
+    /// the reloadable ones through.
+    #[test]
+    fn start_only_settings_are_named_on_reload() {
+        let base = "max_connections = 5\nhandshake_timeout = \"3s\"\n[audit]\nmode = \"off\"\n";
+        let running = load(&["--upstream", "db.x"], Some(base)).unwrap();
+        let changes = |toml: &str, args: &[&str]| {
+            let new = load(&[&["--upstream", "db.x"], args].concat(), Some(toml)).unwrap();
+            crate::reloadable::start_only_changes(&running, &new)
+        };
+        let reloadable = "max_connections = 1\nhandshake_timeout = \"9s\"\nidle_timeout = \"1h\"\n[audit]\nmode = \"off\"\n";
+        assert_eq!(
+            changes(reloadable, &["--connect-to", "127.0.0.1:1"]),
+            Vec::<String>::new()
+        );
+        let audit = "max_connections = 5\n[audit]\nmode = \"sync\"\ndir = \"/var/log/rip\"\n";
+        assert_eq!(changes(audit, &[]), ["audit"]);
+        assert_eq!(
+            changes(
+                base,
+                &[
+                    "--profile",
+                    "other",
+                    "--allow-local-user",
+                    "0",
+                    "--listen",
+                    "127.0.0.1:7777"
+                ]
+            ),
+            [
+                "profile",
+                "allow_local_users",
+                "endpoint \"db.x:5432\": listen"
+            ]
+        );
+    }
 }

@@ -28,7 +28,8 @@
 //! [`activity`] (idle timeout), [`systemd`] (readiness notification),
 //! [`log_text`] (text log lines a client cannot forge), [`throttle`]
 //! (log lines a stranger can cause, at a bounded rate);
-//! [`app`] owns the lifecycle (SIGHUP reload, SIGTERM drain).
+//! [`app`] owns the lifecycle (SIGHUP reload, SIGTERM drain);
+//! [`reloadable`] says which settings a reload applies.
 //!
 //! [`conn`] strings the stages together for one connection; [`app`] builds
 //! the shared context and runs the listeners. [`pg`] is the sans-I/O wire
@@ -56,6 +57,7 @@ pub mod log_text;
 pub mod metrics;
 pub mod peer;
 pub mod pg;
+pub mod reloadable;
 pub mod secret;
 pub mod stream;
 pub mod systemd;

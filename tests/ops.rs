@@ -608,6 +608,57 @@ async fn sighup_serves_a_rotated_certificate_while_old_sessions_go_on() {
     }
 }
 
+/// A SIGHUP applies what it can and refuses, naming it, a change to a
+/// setting built once at start. Before, a reload that turned the audit on
+/// logged "configuration reloaded" and audited nothing.
+#[tokio::test]
+async fn sighup_refuses_start_only_settings_and_applies_the_rest() {
+    let Some((bed, home)) = sso_setup("sighup_refuses_start_only_settings", "opsreload") else {
+        return;
+    };
+    let file = unique_temp_path("rdsiam-reload").with_extension("toml");
+    let audit_dir = unique_temp_path("rdsiam-reload-audit");
+    std::fs::write(&file, "max_connections = 5\n").unwrap();
+    let proxy = Proxy::builder(bed, &home).arg("--config", &file).start();
+    let port = proxy.addr.port();
+    let (first, _conn) = session(port, "opsreload").await.unwrap();
+
+    std::fs::write(
+        &file,
+        format!(
+            "max_connections = 5\nlog_format = \"json\"\n[audit]\nmode = \"sync\"\ndir = \"{}\"\n",
+            audit_dir.display()
+        ),
+    )
+    .unwrap();
+    proxy.signal("HUP");
+    let log = proxy.wait_for_log("reload refused", DEADLINE);
+    assert!(
+        log.contains("apply only at a restart: audit, log_format"),
+        "{log}"
+    );
+    assert!(!log.contains("configuration reloaded"), "{log}");
+    let (second, _conn2) = session(port, "opsreload").await.unwrap();
+    second.simple_query("select 1").await.unwrap();
+    assert!(!audit_dir.exists(), "an audit trail was started");
+    drop(second);
+
+    // A limit does reload: with one session open, a second is now refused.
+    std::fs::write(&file, "max_connections = 1\n").unwrap();
+    proxy.signal("HUP");
+    proxy.wait_for_log("configuration reloaded", DEADLINE);
+    let Err(refused) = session(port, "opsreload").await else {
+        panic!("a second session got in over the new limit of 1");
+    };
+    assert_eq!(
+        refused.code(),
+        Some(&SqlState::TOO_MANY_CONNECTIONS),
+        "{refused}"
+    );
+    first.simple_query("select 1").await.unwrap();
+    let _ = std::fs::remove_file(&file);
+}
+
 /// Flags for the bed's endpoint; `over` replaces a flag's value.
 fn bed_flags(bed: &Bed, over: &[(&str, &str)]) -> Vec<String> {
     let i = &bed.info;
