@@ -346,9 +346,9 @@ impl Server {
 
     /// Stops accepting, waits up to `max_sigterm_delay` for sessions (or
     /// until `hurry` resolves), then ends the rest with 57P01.
-    pub async fn shutdown(self, hurry: impl std::future::Future<Output = ()>) -> bool {
+    pub async fn shutdown(mut self, hurry: impl std::future::Future<Output = ()>) -> bool {
         let _ = self.phase.send(Phase::Draining);
-        for t in self.accept_loops {
+        for t in std::mem::take(&mut self.accept_loops) {
             let _ = t.await;
         }
         self.app.tasks.close();
@@ -368,6 +368,7 @@ impl Server {
             _ = &mut hurry => true,
         };
         if forced {
+            self.close_audit();
             return true;
         }
         if !self.app.tasks.is_empty() {
@@ -376,15 +377,33 @@ impl Server {
                 "ending the remaining sessions (57P01)"
             );
             let _ = self.phase.send(Phase::Terminating);
-            tokio::select! {
-                _ = self.app.tasks.wait() => {}
-                _ = tokio::time::sleep(TERMINATE_GRACE) => {}
-                _ = &mut hurry => return true,
+            let forced = tokio::select! {
+                _ = self.app.tasks.wait() => false,
+                _ = tokio::time::sleep(TERMINATE_GRACE) => false,
+                _ = &mut hurry => true,
+            };
+            if forced {
+                self.close_audit();
+                return true;
             }
         }
-        // Every session has ended: flush and close the audit trail.
-        self.app.audit.close();
+        self.close_audit();
         false
+    }
+
+    /// Writes what the audit trail holds, then audit_stop, and closes it;
+    /// also when a second signal cuts the drain short. A session still
+    /// open then has no end record: said here, and any record it makes
+    /// later is counted as lost (never queued for no one).
+    fn close_audit(&self) {
+        let open = self.app.tasks.len();
+        if open > 0 && self.app.audit.sink.is_some() {
+            error!(
+                open,
+                "closing the audit log while sessions are still open: their end is not recorded"
+            );
+        }
+        self.app.audit.close();
     }
 }
 

@@ -23,6 +23,10 @@ use crate::stream::{ClientStream, Socket};
 use crate::token::TokenTarget;
 use crate::upstream::{self, Upstream};
 
+/// The longest a goodbye (an error, a Terminate) may take to write to a
+/// peer that does not read.
+const FINAL_WRITE: std::time::Duration = std::time::Duration::from_secs(2);
+
 /// Who is on the other end of an accepted socket.
 #[derive(Debug, Clone)]
 pub struct Peer {
@@ -328,8 +332,11 @@ async fn run(
         if let Ok(Err((_, crate::forward::ForwardError::Audit(why)))) = &ended {
             let mut out = BytesMut::new();
             backend::write_error(&mut out, &crate::error::audit_fatal(why));
-            let _ = stream.write_all(&out).await;
-            let _ = stream.shutdown().await;
+            let _ = tokio::time::timeout(FINAL_WRITE, async {
+                let _ = stream.write_all(&out).await;
+                let _ = stream.shutdown().await;
+            })
+            .await;
         }
         match ended {
             Ok(Ok((traffic, ending))) => {
@@ -372,11 +379,19 @@ async fn run(
                         hint: None,
                     },
                 );
-                let _ = stream.write_all(&out).await;
-                let _ = stream.flush().await;
-                let _ = stream.shutdown().await;
-                let _ = up.write_all(&[b'X', 0, 0, 0, 4]).await;
-                let _ = up.shutdown().await;
+                // A client or server that stopped reading cannot hold the
+                // session (and so the shutdown) past FINAL_WRITE.
+                let _ = tokio::time::timeout(FINAL_WRITE, async {
+                    let _ = stream.write_all(&out).await;
+                    let _ = stream.flush().await;
+                    let _ = stream.shutdown().await;
+                })
+                .await;
+                let _ = tokio::time::timeout(FINAL_WRITE, async {
+                    let _ = up.write_all(&[b'X', 0, 0, 0, 4]).await;
+                    let _ = up.shutdown().await;
+                })
+                .await;
                 info!(
                     sqlstate = code,
                     seconds = started.elapsed().as_secs(),
@@ -500,9 +515,12 @@ async fn refuse(
     if let (Some(mut stream), Some(m)) = (stream, message) {
         let mut out = BytesMut::new();
         backend::write_error(&mut out, &m);
-        let _ = stream.write_all(&out).await;
-        let _ = stream.flush().await;
-        let _ = stream.shutdown().await;
+        let _ = tokio::time::timeout(FINAL_WRITE, async {
+            let _ = stream.write_all(&out).await;
+            let _ = stream.flush().await;
+            let _ = stream.shutdown().await;
+        })
+        .await;
     }
 }
 

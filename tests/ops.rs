@@ -507,13 +507,20 @@ async fn sigterm_drains_then_ends_sessions_with_57p01() {
     );
 }
 
+/// A second signal cuts the drain short, but the audit trail is still
+/// closed: what was queued is written, and audit_stop says the trail ends
+/// here (before, the process exited without it, so the end of the trail
+/// looked like a crash).
 #[test]
 fn a_second_sigterm_exits_at_once() {
     let Some((bed, home)) = sso_setup("a_second_sigterm_exits_at_once", "opsdrain2") else {
         return;
     };
+    let audit_dir = unique_temp_path("rdsiam-second-signal-audit");
     let mut proxy = Proxy::builder(bed, &home)
         .arg("--max-sigterm-delay", "1h")
+        .arg("--audit-mode", "sync")
+        .arg("--audit-dir", &audit_dir)
         .start();
     let mut psql = proxy
         .psql("opsdrain2", "")
@@ -535,6 +542,25 @@ fn a_second_sigterm_exits_at_once() {
     assert_eq!(status.code(), Some(3), "{}", proxy.log());
     drop(psql_in);
     let _ = psql.wait();
+    let mut types = Vec::new();
+    let mut files: Vec<PathBuf> = std::fs::read_dir(&audit_dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    files.sort();
+    for f in files {
+        for line in std::fs::read_to_string(f).unwrap().lines() {
+            let v: serde_json::Value = serde_json::from_str(line).unwrap();
+            types.push(v["type"].as_str().unwrap().to_owned());
+        }
+    }
+    assert!(types.contains(&"statement".to_owned()), "{types:?}");
+    assert_eq!(
+        types[types.len() - 2..],
+        ["audit_stop", "file_end"],
+        "{types:?}"
+    );
+    let _ = std::fs::remove_dir_all(&audit_dir);
 }
 
 /// A local CA and server certificate for localhost, made by the proxy's

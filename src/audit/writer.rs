@@ -120,6 +120,11 @@ impl Sink {
     /// when the queue is full.
     pub fn push(&self, event: Event) -> bool {
         let mut q = self.queue.lock().unwrap_or_else(|e| e.into_inner());
+        if q.closed {
+            drop(q);
+            self.lost_after_close();
+            return false;
+        }
         if q.events.len() >= self.capacity {
             drop(q);
             let n = self.stats.dropped.fetch_add(1, Ordering::Relaxed);
@@ -151,6 +156,12 @@ impl Sink {
             return rx;
         }
         let mut q = self.queue.lock().unwrap_or_else(|e| e.into_inner());
+        if q.closed {
+            drop(q);
+            self.lost_after_close();
+            let _ = tx.send(false);
+            return rx;
+        }
         q.events.push_back((event, Some(tx)));
         self.stats
             .queue_depth
@@ -158,6 +169,21 @@ impl Sink {
         drop(q);
         self.wake.notify_one();
         rx
+    }
+
+    /// A record that came after the log was closed: counted and logged,
+    /// never queued where no one would write it (a sync session is told
+    /// no, rather than waiting for ever).
+    fn lost_after_close(&self) {
+        static LOST: crate::throttle::Throttle =
+            crate::throttle::Throttle::new(Duration::from_secs(1));
+        self.stats.dropped.fetch_add(1, Ordering::Relaxed);
+        if let Some(more) = LOST.admit(Instant::now()) {
+            error!(
+                also_lost = more,
+                "audit record after the audit log was closed: lost"
+            );
+        }
     }
 
     /// Writes what is queued, closes the file and stops the thread.
@@ -745,6 +771,25 @@ mod tests {
             types,
             ["file_start", "audit_start", "audit_stop", "file_end"]
         );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// After close, a record is counted as lost and a durable one is
+    /// answered "not written" at once: before, it sat in a queue no thread
+    /// read, and a sync session waited for ever.
+    #[tokio::test]
+    async fn records_after_close_are_refused_not_held() {
+        let dir = std::env::temp_dir().join(format!("rdsiam-afterclose-{}", std::process::id()));
+        let sink = Sink::start(small(&dir, "")).unwrap();
+        sink.close();
+        let event = || Event::Dropped {
+            time: SystemTime::now(),
+            count: 1,
+        };
+        assert!(!sink.push(event()));
+        let answer = tokio::time::timeout(Duration::from_secs(5), sink.push_durable(event())).await;
+        assert_eq!(answer.expect("answered at once"), Ok(false));
+        assert_eq!(sink.stats.dropped.load(Ordering::Relaxed), 2);
         let _ = std::fs::remove_dir_all(&dir);
     }
 }
