@@ -298,6 +298,28 @@ pub struct ProxyArgs {
     )]
     pub max_connections: usize,
 
+    /// Most connections at once that have not yet sent their startup
+    /// packet (TLS and startup under way); beyond it a new socket is
+    /// closed at once. Counted apart from sessions, so idle sockets cannot
+    /// take their places.
+    #[arg(
+        long,
+        env = "RDS_IAM_PROXY_MAX_HANDSHAKES",
+        value_name = "N",
+        default_value_t = 256
+    )]
+    pub max_handshakes: usize,
+
+    /// Most handshakes at once from one remote address (loopback and unix
+    /// clients count toward --max-handshakes only).
+    #[arg(
+        long,
+        env = "RDS_IAM_PROXY_MAX_HANDSHAKES_PER_SOURCE",
+        value_name = "N",
+        default_value_t = 32
+    )]
+    pub max_handshakes_per_source: usize,
+
     /// End sessions with no traffic either way for this long (57P05); off
     /// unless given (0 also means off). Checked at this granularity: a session ends between
     /// one and two periods of silence.

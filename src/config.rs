@@ -66,8 +66,12 @@ pub struct Config {
     pub login_timeout: Duration,
     /// Sessions silent both ways this long are ended [default: never].
     pub idle_timeout: Option<Duration>,
-    /// Most client connections at once, all endpoints together.
+    /// Most client sessions at once (startup read), all endpoints together.
     pub max_connections: usize,
+    /// Most sockets at once still in TLS or startup, all endpoints.
+    pub max_handshakes: usize,
+    /// Most of those from one remote address.
+    pub max_handshakes_per_source: usize,
     /// Drain time after SIGTERM before sessions get 57P01.
     pub max_sigterm_delay: Duration,
     /// The admin HTTP listener [default: off].
@@ -167,6 +171,8 @@ pub struct FileConfig {
     pub login_timeout: Option<String>,
     pub idle_timeout: Option<String>,
     pub max_connections: Option<usize>,
+    pub max_handshakes: Option<usize>,
+    pub max_handshakes_per_source: Option<usize>,
     pub max_sigterm_delay: Option<String>,
     pub log_format: Option<String>,
     pub admin: Option<AdminFile>,
@@ -353,12 +359,28 @@ impl Config {
             cli.max_connections,
             f.max_connections,
         );
-        if max_connections == 0 {
-            return Err(ConfigError::BadValue {
-                key: "max_connections".into(),
-                value: "0".into(),
-                problem: "must be at least 1".into(),
-            });
+        let max_handshakes = pick(
+            given("max_handshakes"),
+            cli.max_handshakes,
+            f.max_handshakes,
+        );
+        let max_handshakes_per_source = pick(
+            given("max_handshakes_per_source"),
+            cli.max_handshakes_per_source,
+            f.max_handshakes_per_source,
+        );
+        for (key, n) in [
+            ("max_connections", max_connections),
+            ("max_handshakes", max_handshakes),
+            ("max_handshakes_per_source", max_handshakes_per_source),
+        ] {
+            if n == 0 {
+                return Err(ConfigError::BadValue {
+                    key: key.into(),
+                    value: "0".into(),
+                    problem: "must be at least 1".into(),
+                });
+            }
         }
         let log_format = match (&f.log_format, given("log_format")) {
             (Some(v), false) => match v.as_str() {
@@ -547,6 +569,8 @@ impl Config {
             login_timeout,
             idle_timeout,
             max_connections,
+            max_handshakes,
+            max_handshakes_per_source,
             max_sigterm_delay,
             admin,
             log_format,
@@ -586,6 +610,12 @@ impl Config {
             }
         }
         let _ = writeln!(s, "max_connections = {}", self.max_connections);
+        let _ = writeln!(s, "max_handshakes = {}", self.max_handshakes);
+        let _ = writeln!(
+            s,
+            "max_handshakes_per_source = {}",
+            self.max_handshakes_per_source
+        );
         let _ = writeln!(
             s,
             "# worker_threads: {} (--worker-threads or RDS_IAM_PROXY_WORKER_THREADS only)",

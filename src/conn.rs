@@ -9,13 +9,12 @@ use tokio::io::AsyncWriteExt;
 use tracing::{Instrument, info, info_span, warn};
 
 use crate::activity::{Activity, Idle};
+use crate::admission::HandshakePlace;
 use crate::app::{AppContext, EndpointContext, EndpointTls, Phase};
 use crate::config::Config;
 use crate::error::{ConnError, Names, sqlstate};
 use crate::handshake::{self, ClientRequest, Negotiated};
 use crate::identity::Identity;
-use crate::listener::Refusing;
-use crate::metrics::OwnedSlot;
 use crate::pg::backend;
 use crate::pg::backend::{ErrorMessage, Severity};
 use crate::pg::startup::StartupMessage;
@@ -38,14 +37,14 @@ pub struct Peer {
     pub local: crate::peer::LocalPeer,
 }
 
-/// Serves one accepted socket to the end; `slot` holds its place under
-/// the connection limit until then.
+/// Serves one accepted socket to the end; `place` holds its place among
+/// the handshakes until its startup packet is read.
 pub async fn serve(
     ctx: Arc<AppContext>,
     ep: Arc<EndpointContext>,
     socket: Socket,
     peer: Peer,
-    slot: OwnedSlot,
+    place: HandshakePlace,
 ) {
     let id = ctx.next_connection_id();
     let span = info_span!("conn", id, endpoint = %ep.name, peer = %peer.addr);
@@ -53,48 +52,7 @@ pub async fn serve(
         // Who is behind a local connection is judged now, before any of
         // its bytes is read, while the client's socket is live.
         let verdict = crate::peer::check(&ctx.peers, &peer.local).await;
-        run(ctx, ep, socket, peer, verdict, id).await
-    }
-    .instrument(span)
-    .await;
-    drop(slot);
-}
-
-/// Answers a connection over the limit: FATAL 53300 once its startup
-/// packet is read (cancel requests are still forwarded: they free
-/// capacity).
-pub async fn refuse_too_many(
-    ctx: Arc<AppContext>,
-    ep: Arc<EndpointContext>,
-    socket: Socket,
-    peer: Peer,
-    limit: usize,
-    _place: Refusing,
-) {
-    let id = ctx.next_connection_id();
-    let span = info_span!("conn", id, endpoint = %ep.name, peer = %peer.addr);
-    async move {
-        let verdict = crate::peer::check(&ctx.peers, &peer.local).await;
-        let config = ctx.config.load_full();
-        let live = ep.live();
-        match (
-            negotiate(&ctx, &ep, &config, &live, socket, &peer, id).await,
-            verdict,
-        ) {
-            (None, _) => {}
-            (Some((_, ClientRequest::Cancel(_))), Err(refusal)) => {
-                warn!(error = %refusal, "cancel request from a refused local user ignored")
-            }
-            (Some((_, ClientRequest::Cancel(key))), Ok(())) => forward_cancel(&ctx, &key).await,
-            (Some((stream, ClientRequest::Startup(s))), verdict) => {
-                let who = (id, &peer, Some((s.user(), s.database())));
-                let e = match verdict {
-                    Err(refusal) => ConnError::Peer(refusal),
-                    Ok(()) => ConnError::TooManyConnections(limit),
-                };
-                refuse(&ctx, &ep, who, Some(stream), e).await
-            }
-        }
+        run(ctx, ep, socket, peer, verdict, id, place).await
     }
     .instrument(span)
     .await
@@ -170,14 +128,16 @@ async fn run(
     peer: Peer,
     verdict: Result<(), crate::peer::PeerRefusal>,
     id: u64,
+    place: HandshakePlace,
 ) {
     let started = Instant::now();
     // One snapshot for the whole connection: a reload never changes a
     // session under way.
     let config = ctx.config.load_full();
     let live = ep.live();
-    let Some((mut stream, request)) = negotiate(&ctx, &ep, &config, &live, socket, &peer, id).await
-    else {
+    let negotiated = negotiate(&ctx, &ep, &config, &live, socket, &peer, id).await;
+    drop(place);
+    let Some((mut stream, request)) = negotiated else {
         return;
     };
     if let Err(refusal) = verdict {
@@ -201,6 +161,13 @@ async fn run(
             return;
         }
         ClientRequest::Startup(s) => s,
+    };
+    // A session slot, held to the end of the session.
+    let Some(_slot) = ctx.metrics.try_acquire(config.max_connections) else {
+        let who = (id, &peer, Some((startup.user(), startup.database())));
+        let e = ConnError::TooManyConnections(config.max_connections);
+        refuse(&ctx, &ep, who, Some(stream), e).await;
+        return;
     };
     let user = startup.user().to_owned();
     let database = startup.database().to_owned();

@@ -1,8 +1,12 @@
 //! What a client is told when its connection fails.
 //!
 //! This is an allowlist: every connection error maps to a SQLSTATE and a
-//! message that says what happened and what to do. Internal detail (error
-//! chains, addresses the client did not name) goes to the log only.
+//! message that says what happened and what to do. Internal detail goes to
+//! the log only: credential providers' and STS's error chains, role and
+//! session ARNs, the workload's allowed users, file paths, certificate
+//! contents. The messages below are written here, never copied from an
+//! error that carries such detail (the one exception is the server's own
+//! login refusal, which PostgreSQL sends to any client).
 
 use thiserror::Error;
 
@@ -103,17 +107,21 @@ impl ConnError {
                 Some("try again later; the operator can raise --max-connections".into()),
             ),
             ConnError::Identity(e) => match e {
-                IdentityError::Credentials(c) => fatal(
+                IdentityError::Credentials(_) => fatal(
                     INVALID_AUTHORIZATION,
-                    format!("rds-iam-proxy has no usable AWS credentials: {}", c.message),
-                    Some(format!("sign in again (for SSO: {login}), then reconnect; the proxy picks the new session up without a restart")),
+                    "rds-iam-proxy has no usable AWS credentials",
+                    Some(format!("sign in again (for SSO: {login}), then reconnect; the proxy picks the new session up without a restart; its log says what the credential source answered")),
                 ),
                 IdentityError::CallerIdentity(_) | IdentityError::IncompleteCaller => fatal(
                     INVALID_AUTHORIZATION,
                     "rds-iam-proxy could not confirm your AWS identity with STS",
                     Some(format!("check the proxy's log; if your session expired, run: {login}")),
                 ),
-                IdentityError::Arn(a) => fatal(INVALID_AUTHORIZATION, a.to_string(), None),
+                IdentityError::Arn(_) => fatal(
+                    INVALID_AUTHORIZATION,
+                    "the proxy's AWS identity is not an assumed role or IAM user, so it cannot tell which person you are",
+                    Some("sign in with an SSO profile or SAML; the proxy's log names the identity".into()),
+                ),
                 IdentityError::SsoExpired { .. } | IdentityError::SsoNotSignedIn { .. } => fatal(
                     INVALID_AUTHORIZATION,
                     e.to_string(),
@@ -121,19 +129,23 @@ impl ConnError {
                 ),
                 IdentityError::Saml(s) => fatal(
                     INVALID_AUTHORIZATION,
-                    format!("rds-iam-proxy cannot use its SAML identity: {s}"),
-                    None,
+                    format!("rds-iam-proxy cannot use its SAML identity: {}", s.client_text()),
+                    Some("the proxy's log has the details".into()),
                 ),
-                IdentityError::NotIdentityCenter { .. } => fatal(INVALID_AUTHORIZATION, e.to_string(), None),
+                IdentityError::NotIdentityCenter { .. } => fatal(
+                    INVALID_AUTHORIZATION,
+                    "the proxy's AWS session is not an IAM Identity Center session, so it does not say which person you are",
+                    Some("sign in with an SSO profile, or start the proxy with --identity-source saml or workload; its log names the session".into()),
+                ),
                 IdentityError::NotYourUser { requested, person } => fatal(
                     INVALID_AUTHORIZATION,
                     format!("database user \"{requested}\" is not yours: this proxy acts for AWS user \"{person}\""),
                     Some(format!("connect as user \"{person}\"")),
                 ),
-                IdentityError::NotAllowed { requested, allowed } => fatal(
+                IdentityError::NotAllowed { requested, .. } => fatal(
                     INVALID_AUTHORIZATION,
                     format!("database user \"{requested}\" is not allowed for this workload identity"),
-                    Some(format!("connect as one of: {}", allowed.join(", "))),
+                    Some("connect as a database user the operator allowed with --allow-db-user (the proxy's log lists them)".into()),
                 ),
             },
             ConnError::Peer(r) => fatal(
@@ -209,10 +221,10 @@ fn upstream_message(e: &UpstreamError, upstream: &str) -> Option<ErrorMessage> {
             format!("the database at {upstream} does not offer TLS; rds-iam-proxy never sends a token without it"),
             None,
         ),
-        UpstreamError::Tls { source, .. } => fatal(
+        UpstreamError::Tls { .. } => fatal(
             CANNOT_CONNECT,
-            format!("TLS verification of {upstream} failed: {source}"),
-            Some("the server certificate must chain to the Amazon RDS CA bundle (or --upstream-ca) and name the endpoint".into()),
+            format!("TLS verification of {upstream} failed"),
+            Some("the server certificate must chain to the Amazon RDS CA bundle (or --upstream-ca) and name the endpoint; the proxy's log says why it did not".into()),
         ),
         UpstreamError::UnexpectedAuth { method } => fatal(
             INVALID_AUTHORIZATION,
@@ -252,6 +264,84 @@ fn upstream_message(e: &UpstreamError, upstream: &str) -> Option<ErrorMessage> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::identity::CredentialsUnavailable;
+    use crate::identity::saml::SamlError;
+
+    /// The class: an error that carries internal detail (an error chain,
+    /// an ARN, a path, the allow-list, a certificate) must not hand it to
+    /// the client. Every such variant is built with marked detail, and no
+    /// marker may reach the message, detail or hint.
+    #[test]
+    fn internal_detail_never_reaches_the_client() {
+        const MARK: &str = "SECRETMARK";
+        let arn = format!("arn:aws:iam::123456789012:role/{MARK}");
+        let io = || std::io::Error::other(format!("chain: {MARK}"));
+        let addr: std::net::SocketAddr = "10.1.2.3:5432".parse().unwrap();
+        let cases: Vec<ConnError> = vec![
+            IdentityError::Credentials(CredentialsUnavailable {
+                message: format!("the SSO provider said: {MARK}"),
+            })
+            .into(),
+            IdentityError::CallerIdentity(format!("AccessDenied for {arn}")).into(),
+            IdentityError::Arn(crate::identity::ArnError::Unsupported(arn.clone())).into(),
+            IdentityError::NotIdentityCenter { arn: arn.clone() }.into(),
+            IdentityError::NotAllowed {
+                requested: "mallory".into(),
+                allowed: vec![format!("{MARK}_app")],
+            }
+            .into(),
+            IdentityError::Saml(SamlError::Read {
+                from: format!("/home/{MARK}/assertion"),
+                reason: MARK.into(),
+            })
+            .into(),
+            IdentityError::Saml(SamlError::Xml(MARK.into())).into(),
+            IdentityError::Saml(SamlError::Expired(MARK.into())).into(),
+            IdentityError::Saml(SamlError::SeveralRoles(vec![arn.clone(), arn.clone()])).into(),
+            IdentityError::Saml(SamlError::RoleNotOffered(arn.clone())).into(),
+            IdentityError::Saml(SamlError::Sts(format!("{arn} is not authorized"))).into(),
+            UpstreamError::Resolve {
+                host: format!("{MARK}.internal"),
+                source: io(),
+            }
+            .into(),
+            UpstreamError::NoAddress {
+                host: format!("{MARK}.internal"),
+            }
+            .into(),
+            UpstreamError::Tls {
+                host: "x".into(),
+                source: io(),
+            }
+            .into(),
+            UpstreamError::Protocol(MARK.into()).into(),
+            UpstreamError::Io(io()).into(),
+            UpstreamError::ConnectTimeout {
+                addr,
+                timeout: std::time::Duration::from_secs(1),
+            }
+            .into(),
+        ];
+        let names = Names {
+            upstream: "db.example:5432",
+            profile: Some("dev"),
+            clock_skew: None,
+        };
+        for e in cases {
+            let m = e.to_client(names).unwrap();
+            let told = format!("{} | {:?} | {:?}", m.message, m.detail, m.hint);
+            assert!(!told.contains(MARK), "{e:?} tells the client: {told}");
+            assert!(!told.contains("123456789012"), "{e:?}: {told}");
+            assert!(!told.contains("10.1.2.3"), "{e:?}: {told}");
+            // The log keeps the detail.
+            assert!(
+                e.to_string().contains(MARK)
+                    || e.to_string().contains("123456789012")
+                    || e.to_string().contains("10.1.2.3"),
+                "{e:?} lost its detail for the log: {e}"
+            );
+        }
+    }
 
     #[test]
     fn mismatch_names_both_users() {

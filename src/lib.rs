@@ -38,6 +38,7 @@
 
 pub mod activity;
 pub mod admin;
+pub mod admission;
 pub mod app;
 pub mod audit;
 pub mod banner;

@@ -5,17 +5,18 @@ use std::net::SocketAddr;
 use std::os::unix::fs::{DirBuilderExt, FileTypeExt, PermissionsExt};
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::Duration;
-
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
 
 use tokio::net::{TcpListener, UnixListener};
-use tracing::{error, info};
+use tracing::{error, info, warn};
+
+use crate::admission::Source;
 
 use crate::app::{AppContext, EndpointContext, Phase};
 use crate::conn::{self, Peer};
 use crate::peer::LocalPeer;
 use crate::stream::Socket;
+use crate::throttle::Throttle;
 
 /// A bound listener.
 #[derive(Debug)]
@@ -59,10 +60,14 @@ impl Listener {
     }
 
     /// Accepts until the process stops running, spawning a tracked task
-    /// per connection. Beyond `max_connections` a connection still gets
-    /// its answer (FATAL 53300 after the startup packet, so the client
-    /// reads it over TLS), from a small bounded set of refusal tasks.
+    /// per connection. A socket first takes a handshake place (see
+    /// [`crate::admission`]); with none free it is closed at once, so a
+    /// flood holds no more than `max_handshakes` sockets. The session
+    /// limit is applied once the startup packet is read (FATAL 53300, so
+    /// the client reads it, over TLS where it asked for TLS).
     pub async fn serve(self, app: Arc<AppContext>, ep: Arc<EndpointContext>) {
+        // Anyone who can connect can fill the handshake places.
+        static FULL: Throttle = Throttle::new(Duration::from_secs(10));
         let mut phase = app.phase.clone();
         let mut backoff = Duration::from_millis(5);
         loop {
@@ -71,37 +76,35 @@ impl Listener {
                 a = self.accept() => a,
             };
             match accepted {
-                Ok((socket, peer)) => {
+                Ok((socket, peer, source)) => {
                     backoff = Duration::from_millis(5);
-                    let max = app.config.load().max_connections;
-                    match app.metrics.try_acquire(max) {
-                        Some(slot) => {
+                    let config = app.config.load();
+                    let (max, per_source) =
+                        (config.max_handshakes, config.max_handshakes_per_source);
+                    drop(config);
+                    match app.metrics.handshakes.enter(source, max, per_source) {
+                        Ok(place) => {
                             // Counted from now, so a shutdown waits for
                             // it even before its worker first runs it.
                             let tracked = app.tasks.token();
                             let (session_app, ep) = (app.clone(), ep.clone());
                             app.workers.spawn(socket, move |socket| async move {
-                                conn::serve(session_app, ep, socket, peer, slot).await;
+                                conn::serve(session_app, ep, socket, peer, place).await;
                                 drop(tracked);
                             });
                         }
-                        None => match Refusing::enter(&REFUSING) {
-                            Some(r) => {
-                                app.tasks.spawn(conn::refuse_too_many(
-                                    app.clone(),
-                                    ep.clone(),
-                                    socket,
-                                    peer,
-                                    max,
-                                    r,
-                                ));
+                        Err(full) => {
+                            app.metrics.connection("too_many_handshakes");
+                            drop(socket);
+                            if let Some(more) = FULL.admit(Instant::now()) {
+                                warn!(
+                                    listener = %self.describe(),
+                                    peer = %peer.addr,
+                                    not_logged_since = more,
+                                    "connection closed at once: {full}"
+                                );
                             }
-                            None => {
-                                // Flooded: close at once rather than queue.
-                                app.metrics.connection("too_many_connections");
-                                drop(socket);
-                            }
-                        },
+                        }
                     }
                 }
                 Err(e) => {
@@ -119,7 +122,7 @@ impl Listener {
         info!(listener = %self.describe(), "stopped accepting");
     }
 
-    async fn accept(&self) -> io::Result<(Socket, Peer)> {
+    async fn accept(&self) -> io::Result<(Socket, Peer, Source)> {
         match self {
             Listener::Tcp(l) => {
                 let (tcp, addr) = l.accept().await?;
@@ -140,6 +143,7 @@ impl Listener {
                             LocalPeer::Remote
                         },
                     },
+                    Source::of(addr.ip()),
                 ))
             }
             Listener::Unix(l, _) => {
@@ -153,35 +157,9 @@ impl Listener {
                         plaintext_ok: true,
                         local: LocalPeer::Unix { uid },
                     },
+                    Source::Local,
                 ))
             }
         }
-    }
-}
-
-/// Over-limit connections being answered now, all listeners together.
-static REFUSING: AtomicUsize = AtomicUsize::new(0);
-
-/// Most over-limit connections answered at once; beyond, they are closed
-/// without an answer so a flood cannot hold unbounded sockets.
-const MAX_REFUSING: usize = 64;
-
-/// A place among the refusal tasks, freed on drop.
-#[derive(Debug)]
-pub struct Refusing(&'static AtomicUsize);
-
-impl Refusing {
-    fn enter(counter: &'static AtomicUsize) -> Option<Self> {
-        if counter.fetch_add(1, Ordering::Relaxed) >= MAX_REFUSING {
-            counter.fetch_sub(1, Ordering::Relaxed);
-            return None;
-        }
-        Some(Refusing(counter))
-    }
-}
-
-impl Drop for Refusing {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::Relaxed);
     }
 }

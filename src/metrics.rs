@@ -27,6 +27,8 @@ const LOGIN_BUCKETS: [f64; 12] = [
 #[derive(Debug, Default)]
 pub struct Metrics {
     active: AtomicUsize,
+    /// Sockets not yet past their startup packet.
+    pub handshakes: std::sync::Arc<crate::admission::Handshakes>,
     connections: Labelled,
     auth_failures: Labelled,
     identity_failures: Labelled,
@@ -66,7 +68,7 @@ impl Metrics {
         Some(OwnedSlot(self.clone()))
     }
 
-    /// Connections open now (in handshake, login or session).
+    /// Sessions open now (startup read: in login or under way).
     pub fn active(&self) -> usize {
         self.active.load(Relaxed)
     }
@@ -175,8 +177,14 @@ impl Metrics {
         gauge(
             &mut s,
             &format!("{p}_active_connections"),
-            "Client connections open now.",
+            "Client sessions open now (startup read; counted against --max-connections).",
             self.active() as f64,
+        );
+        gauge(
+            &mut s,
+            &format!("{p}_handshakes_in_progress"),
+            "Client sockets in TLS or startup now (counted against --max-handshakes).",
+            self.handshakes.in_progress() as f64,
         );
         self.connections.render(
             &mut s,

@@ -7,7 +7,7 @@
 //! stays; nothing is reported as applied that is not.
 //!
 //! Applied on reload (new connections see them; sessions under way keep
-//! what they started with): the timeouts, `max_connections`,
+//! what they started with): the timeouts, `max_connections`, the handshake bounds,
 //! `max_sigterm_delay`, `admin.upstream_check`, and per endpoint the client
 //! certificate, the upstream CA bundle and `connect_to`.
 //!
@@ -33,6 +33,8 @@ pub fn start_only_changes(running: &Config, new: &Config) -> Vec<String> {
         login_timeout: _,
         idle_timeout: _,
         max_connections: _,
+        max_handshakes: _,
+        max_handshakes_per_source: _,
         max_sigterm_delay: _,
         admin,
         log_format,

@@ -1,15 +1,19 @@
-//! A wrapper that keeps secrets (tokens, keys, passwords) out of logs.
+//! A wrapper that keeps secrets (tokens, keys, passwords) out of logs and
+//! out of freed memory.
 
 use std::fmt;
 
+use zeroize::Zeroizing;
+
 /// A secret string. `Debug` and `Display` print `<redacted>`; the value is
 /// reachable only through [`Secret::expose`], so every use is greppable.
+/// Each copy's bytes are overwritten with zeros when it is dropped.
 #[derive(Clone, PartialEq, Eq)]
-pub struct Secret(String);
+pub struct Secret(Zeroizing<String>);
 
 impl Secret {
     pub fn new(value: String) -> Self {
-        Self(value)
+        Self(Zeroizing::new(value))
     }
 
     /// The secret itself. Call only where it leaves the process on purpose.

@@ -12,6 +12,7 @@ use std::time::{Duration, SystemTime};
 use aws_credential_types::Credentials;
 use aws_sigv4::sign::v4::{calculate_signature, generate_signing_key};
 use sha2::{Digest, Sha256};
+use zeroize::Zeroizing;
 
 use crate::secret::Secret;
 
@@ -79,7 +80,8 @@ pub fn sign_at(creds: &Credentials, target: &TokenTarget<'_>, now: SystemTime) -
     let expires = TOKEN_LIFETIME.as_secs();
 
     // Operation parameters first, then the auth parameters: botocore's order.
-    let mut query = String::with_capacity(1600);
+    // The session token is in these strings: wiped when they go.
+    let mut query = Zeroizing::new(String::with_capacity(1600));
     query.push_str("Action=connect&DBUser=");
     encode_into(&mut query, target.user);
     query.push_str("&X-Amz-Algorithm=AWS4-HMAC-SHA256&X-Amz-Credential=");
@@ -95,7 +97,7 @@ pub fn sign_at(creds: &Credentials, target: &TokenTarget<'_>, now: SystemTime) -
     }
 
     // The canonical query sorts by name; only the security token moves.
-    let mut canonical_query = String::with_capacity(query.len());
+    let mut canonical_query = Zeroizing::new(String::with_capacity(query.len()));
     canonical_query.push_str("Action=connect&DBUser=");
     encode_into(&mut canonical_query, target.user);
     canonical_query.push_str("&X-Amz-Algorithm=AWS4-HMAC-SHA256&X-Amz-Credential=");
@@ -115,8 +117,10 @@ pub fn sign_at(creds: &Credentials, target: &TokenTarget<'_>, now: SystemTime) -
     } else {
         format!("{host}:{}", target.port)
     };
-    let canonical_request =
-        format!("GET\n/\n{canonical_query}\nhost:{host_header}\n\nhost\n{EMPTY_SHA256}");
+    let canonical_request = Zeroizing::new(format!(
+        "GET\n/\n{}\nhost:{host_header}\n\nhost\n{EMPTY_SHA256}",
+        canonical_query.as_str()
+    ));
     let string_to_sign = format!(
         "AWS4-HMAC-SHA256\n{datetime}\n{scope}\n{}",
         hex(&Sha256::digest(canonical_request.as_bytes()))
@@ -125,8 +129,9 @@ pub fn sign_at(creds: &Credentials, target: &TokenTarget<'_>, now: SystemTime) -
     let signature = calculate_signature(key, string_to_sign.as_bytes());
 
     Secret::new(format!(
-        "{host}:{}/?{query}&X-Amz-Signature={signature}",
-        target.port
+        "{host}:{}/?{}&X-Amz-Signature={signature}",
+        target.port,
+        query.as_str()
     ))
 }
 

@@ -14,6 +14,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 use tokio_rustls::client::TlsStream;
+use zeroize::Zeroize;
 
 use crate::pg::backend::{self, ServerError, auth};
 use crate::pg::frame::split_frame;
@@ -244,7 +245,37 @@ pub async fn login(
     );
     stream.write_all(&out).await?;
     stream.flush().await?;
+    let answer = read_login(&mut stream, version, token).await?;
+    Ok(Upstream {
+        stream,
+        addr,
+        backend_start,
+        backend_key: answer.backend_key,
+        minor: answer.minor,
+        greeting: answer.greeting,
+        tls,
+    })
+}
 
+/// What the server said between the startup packet and ReadyForQuery.
+#[derive(Debug)]
+struct LoginAnswer {
+    backend_key: Option<CancelKey>,
+    minor: u16,
+    greeting: BytesMut,
+}
+
+/// Reads the server's login messages after the startup packet, answering
+/// its one cleartext password request with `token`, up to and including
+/// ReadyForQuery.
+async fn read_login<S>(
+    stream: &mut S,
+    version: ProtocolVersion,
+    token: &Secret,
+) -> Result<LoginAnswer, UpstreamError>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
     let mut buf = BytesMut::with_capacity(8192);
     let mut greeting = BytesMut::with_capacity(1024);
     let mut backend_key = None;
@@ -264,10 +295,17 @@ pub async fn login(
         match header.tag {
             b'R' => match backend::auth_code(body) {
                 Some(auth::CLEARTEXT_PASSWORD) if !answered && !authenticated => {
-                    out.clear();
-                    backend::write_password(&mut out, token.expose());
-                    stream.write_all(&out).await?;
-                    stream.flush().await?;
+                    // The token's copy in the message is wiped once sent
+                    // (or not: it is wiped all the same).
+                    let mut message = BytesMut::new();
+                    backend::write_password(&mut message, token.expose());
+                    let sent = async {
+                        stream.write_all(&message).await?;
+                        stream.flush().await
+                    }
+                    .await;
+                    message.as_mut().zeroize();
+                    sent?;
                     answered = true;
                 }
                 Some(auth::OK) if !authenticated => {
@@ -314,14 +352,10 @@ pub async fn login(
                 if !buf.is_empty() {
                     return Err(UpstreamError::Protocol("data after ReadyForQuery".into()));
                 }
-                return Ok(Upstream {
-                    stream,
-                    addr,
-                    backend_start,
+                return Ok(LoginAnswer {
                     backend_key,
                     minor,
                     greeting,
-                    tls,
                 });
             }
             other => {
@@ -332,5 +366,61 @@ pub async fn login(
             }
         }
         let _ = buf.split_to(frame_len);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    fn msg(tag: u8, body: &[u8]) -> Vec<u8> {
+        let mut m = vec![tag];
+        m.extend_from_slice(&((body.len() + 4) as u32).to_be_bytes());
+        m.extend_from_slice(body);
+        m
+    }
+
+    /// Plays a server that asks for the password, checks it, and ends its
+    /// greeting with `ready`.
+    async fn login_against(ready: Vec<u8>) -> Result<LoginAnswer, UpstreamError> {
+        let (mut proxy, mut server) = tokio::io::duplex(4096);
+        let token = Secret::new("tok3n".into());
+        let version = ProtocolVersion { major: 3, minor: 0 };
+        let play = async move {
+            server
+                .write_all(&msg(b'R', &3u32.to_be_bytes()))
+                .await
+                .unwrap();
+            let mut password = [0u8; 11];
+            server.read_exact(&mut password).await.unwrap();
+            assert_eq!(&password, b"p\0\0\0\x0atok3n\0");
+            let mut rest = msg(b'R', &0u32.to_be_bytes());
+            rest.extend(msg(b'S', b"server_version\x0015.4\0"));
+            rest.extend(msg(b'K', &[0, 0, 0, 7, 1, 2, 3, 4]));
+            rest.extend(ready);
+            server.write_all(&rest).await.unwrap();
+            server
+        };
+        let (answer, _server) = tokio::join!(read_login(&mut proxy, version, &token), play);
+        answer
+    }
+
+    /// The session start cuts the greeting's last 6 bytes off as its
+    /// ReadyForQuery: a longer or shorter one is a protocol error at login,
+    /// never a wrong cut later.
+    #[tokio::test]
+    async fn ready_for_query_must_be_six_bytes() {
+        let ok = login_against(msg(b'Z', b"I")).await.unwrap();
+        assert!(ok.greeting.ends_with(b"Z\0\0\0\x05I"));
+        assert_eq!(ok.backend_key.unwrap().pid, 7);
+        for bad in [msg(b'Z', b"II"), msg(b'Z', b"")] {
+            match login_against(bad).await {
+                Err(UpstreamError::Protocol(why)) => {
+                    assert!(why.contains("ReadyForQuery of"), "{why}")
+                }
+                other => panic!("{other:?}"),
+            }
+        }
     }
 }

@@ -411,6 +411,77 @@ async fn max_connections_gives_53300_at_once() {
     }
 }
 
+/// Sockets that never send a startup packet take handshake places, not
+/// session slots: with one session slot and three idle sockets open, a
+/// real client still logs in (it used to get 53300 from the first idle
+/// socket on). Past `--max-handshakes` a socket is closed at once, long
+/// before the handshake timeout; the session limit still holds.
+#[tokio::test]
+async fn idle_sockets_take_no_session_slots() {
+    let Some((bed, home)) = sso_setup("idle_sockets_take_no_session_slots", "opsidle") else {
+        return;
+    };
+    let proxy = Proxy::builder(bed, &home)
+        .arg("--max-connections", "1")
+        .arg("--max-handshakes", "4")
+        .arg("--handshake-timeout", "60s")
+        .arg("--admin-listen", "127.0.0.1:0")
+        .start();
+    let admin = admin_addr(&proxy);
+    let gauge = || {
+        metric(
+            &http_get(admin, "/metrics").1,
+            "rds_iam_proxy_handshakes_in_progress",
+        )
+    };
+    let wait_for = |want: f64| {
+        let deadline = Instant::now() + DEADLINE;
+        while gauge() != want {
+            assert!(
+                Instant::now() < deadline,
+                "handshakes in progress: {} not {want}",
+                gauge()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    };
+    let idle: Vec<_> = (0..3)
+        .map(|_| std::net::TcpStream::connect(proxy.addr).unwrap())
+        .collect();
+    wait_for(3.0);
+    let (first, _conn) = session(proxy.addr.port(), "opsidle")
+        .await
+        .unwrap_or_else(|e| panic!("{e}\n{}", proxy.log()));
+    first.simple_query("select 1").await.unwrap();
+    wait_for(3.0);
+
+    let fourth = std::net::TcpStream::connect(proxy.addr).unwrap();
+    wait_for(4.0);
+    let mut fifth = std::net::TcpStream::connect(proxy.addr).unwrap();
+    fifth.set_read_timeout(Some(DEADLINE)).unwrap();
+    let mut buf = [0u8; 16];
+    // Closed unanswered (a read that timed out would be an error, not 0).
+    assert_eq!(fifth.read(&mut buf).unwrap(), 0);
+    let page = http_get(admin, "/metrics").1;
+    assert_eq!(
+        metric(
+            &page,
+            "rds_iam_proxy_connections_total{outcome=\"too_many_handshakes\"}"
+        ),
+        1.0
+    );
+    assert!(proxy.log().contains("--max-handshakes"), "{}", proxy.log());
+
+    // Places come back when the sockets go; the one session slot is
+    // still taken, so the next client gets 53300 after its startup.
+    drop((idle, fourth));
+    wait_for(0.0);
+    let e = session(proxy.addr.port(), "opsidle").await.err().unwrap();
+    assert_eq!(e.code(), Some(&SqlState::TOO_MANY_CONNECTIONS), "{e}");
+    wait_for(0.0);
+    first.simple_query("select 1").await.unwrap();
+}
+
 #[test]
 fn a_silent_client_is_cut_at_the_handshake_timeout() {
     let Some((bed, home)) = sso_setup("a_silent_client_is_cut", "opssilent") else {

@@ -31,7 +31,7 @@ use aws_credential_types::provider::SharedCredentialsProvider;
 use thiserror::Error;
 use tokio::sync::Mutex;
 
-pub use arn::{CallerArn, parse_caller_arn};
+pub use arn::{ArnError, CallerArn, parse_caller_arn};
 pub use credentials::{CachedCredentials, CredentialsUnavailable};
 use saml::{SamlError, SamlInput, SamlProvider};
 use skew::SkewProbe;

@@ -19,6 +19,7 @@ use std::time::{Duration, SystemTime};
 use aws_credential_types::Credentials;
 use aws_credential_types::provider::{ProvideCredentials, error::CredentialsError, future};
 use thiserror::Error;
+use zeroize::Zeroizing;
 
 use super::sso::utc_hhmm;
 use crate::secret::Secret;
@@ -38,7 +39,9 @@ pub enum SamlInput {
 }
 
 impl SamlInput {
-    fn read(&self) -> Result<String, SamlError> {
+    /// The assertion (a bearer credential until it expires): wiped when
+    /// dropped.
+    fn read(&self) -> Result<Zeroizing<String>, SamlError> {
         match self {
             SamlInput::File(p) => {
                 let meta = std::fs::metadata(p).map_err(|e| SamlError::Read {
@@ -48,12 +51,14 @@ impl SamlInput {
                 if meta.len() > MAX_ASSERTION_BYTES {
                     return Err(SamlError::TooLarge);
                 }
-                std::fs::read_to_string(p).map_err(|e| SamlError::Read {
-                    from: p.display().to_string(),
-                    reason: e.to_string(),
-                })
+                std::fs::read_to_string(p)
+                    .map(Zeroizing::new)
+                    .map_err(|e| SamlError::Read {
+                        from: p.display().to_string(),
+                        reason: e.to_string(),
+                    })
             }
-            SamlInput::Fixed { value, .. } => Ok(value.expose().to_owned()),
+            SamlInput::Fixed { value, .. } => Ok(Zeroizing::new(value.expose().to_owned())),
         }
     }
 
@@ -102,6 +107,35 @@ pub enum SamlError {
     Sts(String),
 }
 
+impl SamlError {
+    /// What a database client is told: what is wrong with the assertion,
+    /// without its paths, roles, XML or STS's answer (those go to the log).
+    pub fn client_text(&self) -> &'static str {
+        match self {
+            SamlError::Read { .. } => "the SAML assertion cannot be read",
+            SamlError::TooLarge => "the SAML assertion is larger than 1 MiB",
+            SamlError::Base64 => "the SAML assertion is not base64",
+            SamlError::Xml(_) => "the SAML assertion is not well-formed XML without a DTD",
+            SamlError::NoAssertion => "the SAML response holds no Assertion",
+            SamlError::Expired(_) => {
+                "the SAML assertion expired; sign in to your identity provider again for a fresh one"
+            }
+            SamlError::NoUserTag => {
+                "the SAML assertion carries no PrincipalTag:userName (or AccessControl:userName) \
+                 attribute, so the proxy cannot tell which database user is yours"
+            }
+            SamlError::NoRole => "the SAML assertion offers no AWS role",
+            SamlError::SeveralRoles(_) => {
+                "the SAML assertion offers several roles; the proxy must be started with --saml-role"
+            }
+            SamlError::RoleNotOffered(_) => {
+                "the SAML assertion does not offer the role given with --saml-role"
+            }
+            SamlError::Sts(_) => "STS refused the SAML assertion (AssumeRoleWithSAML)",
+        }
+    }
+}
+
 /// What the proxy reads from an assertion.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Assertion {
@@ -127,10 +161,12 @@ pub struct Chosen {
 impl Assertion {
     /// Parses a base64 SAML response.
     pub fn parse_base64(b64: &str) -> Result<Assertion, SamlError> {
-        let compact: String = b64.split_whitespace().collect();
-        let xml = aws_smithy_types::base64::decode(compact).map_err(|_| SamlError::Base64)?;
-        let xml = String::from_utf8(xml).map_err(|_| SamlError::Xml("not UTF-8".into()))?;
-        Assertion::parse_xml(&xml)
+        let compact: Zeroizing<String> = Zeroizing::new(b64.split_whitespace().collect());
+        let xml = Zeroizing::new(
+            aws_smithy_types::base64::decode(compact.as_str()).map_err(|_| SamlError::Base64)?,
+        );
+        let xml = std::str::from_utf8(&xml).map_err(|_| SamlError::Xml("not UTF-8".into()))?;
+        Assertion::parse_xml(xml)
     }
 
     pub fn parse_xml(xml: &str) -> Result<Assertion, SamlError> {
@@ -258,7 +294,7 @@ impl SamlProvider {
     }
 
     /// Reads and checks the assertion without calling AWS.
-    pub fn check(&self) -> Result<(Chosen, String), SamlError> {
+    pub fn check(&self) -> Result<(Chosen, Zeroizing<String>), SamlError> {
         let b64 = self.input.read()?;
         let chosen =
             Assertion::parse_base64(&b64)?.choose(self.role.as_deref(), SystemTime::now())?;
