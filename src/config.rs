@@ -794,7 +794,7 @@ fn pick<T>(flag_given: bool, flag: T, file: Option<T>) -> T {
     }
 }
 
-fn parse_file(path: &Path, text: &str) -> Result<FileConfig, ConfigError> {
+pub fn parse_file(path: &Path, text: &str) -> Result<FileConfig, ConfigError> {
     toml::from_str(text).map_err(|e| ConfigError::ParseFile {
         path: path.display().to_string(),
         message: e.to_string().trim_end().to_owned(),

@@ -19,7 +19,7 @@ use crate::pg::frame::{FrameError, MAX_CLIENT_MESSAGE, Scanner};
 
 /// Per-direction buffer once a session moves bulk data: one full TLS
 /// record.
-pub(crate) const BUF_SIZE: usize = 16 * 1024;
+pub const BUF_SIZE: usize = 16 * 1024;
 /// Per-direction buffer to start with: enough for the requests and
 /// answers of ordinary statements, so an idle session holds 4 KiB per
 /// direction instead of 16 (memory per idle session is a target). A read

@@ -33,7 +33,7 @@ use tokio::sync::oneshot;
 use crate::audit::tap::{Refusal, Verdict};
 use crate::audit::{Auditor, SessionTap};
 use crate::forward::{Ending, ForwardError, Pipe, Side, Traffic};
-use crate::pg::frame::{HEADER_LEN, MAX_CLIENT_MESSAGE, parse_header};
+use crate::pg::frame::{HEADER_LEN, Header, MAX_CLIENT_MESSAGE, parse_header};
 use crate::pg::messages::Capture;
 
 use crate::forward::{BUF_SIZE, START_BUF_SIZE};
@@ -43,6 +43,19 @@ pub const HOLD_LIMIT: usize = 16 * 1024 * 1024;
 const PREFIX: usize = 8 * 1024;
 /// Bytes of a server message body the tap sees (error messages, tags).
 pub const SERVER_PREFIX: usize = 1024;
+
+/// Bytes of a client message the gate holds before judging it: a whole
+/// Query or Parse, the head of anything the server answers or that ends a
+/// COPY, nothing of the rest (forwarded as it streams).
+pub fn bytes_to_judge(h: &Header) -> usize {
+    match h.tag {
+        b'Q' | b'P' => h.frame_len(),
+        b'B' | b'E' | b'C' | b'F' | b'S' | b'D' | b'c' | b'f' => {
+            h.frame_len().min(HEADER_LEN + PREFIX)
+        }
+        _ => 0,
+    }
+}
 
 struct Gate {
     buf: Vec<u8>,
@@ -133,14 +146,7 @@ impl Gate {
             return Ok(Some(HEADER_LEN));
         };
         let frame_len = h.frame_len();
-        let need = match h.tag {
-            b'Q' | b'P' => frame_len,
-            // Everything the server answers, or that ends a COPY.
-            b'B' | b'E' | b'C' | b'F' | b'S' | b'D' | b'c' | b'f' => {
-                frame_len.min(HEADER_LEN + PREFIX)
-            }
-            _ => 0,
-        };
+        let need = bytes_to_judge(&h);
         if need > HOLD_LIMIT {
             self.refuse_long(tap, h.tag, frame_len, Refusal::TooLong);
             return Ok(None);
