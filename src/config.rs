@@ -622,6 +622,15 @@ impl Config {
             self.worker_threads
         );
         let _ = writeln!(s, "max_sigterm_delay = {}", d(self.max_sigterm_delay));
+        // One directory for every endpoint's local CA (merge gives them all
+        // the same): said once at the top, or a reload of this text would
+        // fall back to the default.
+        if let Some(dir) = self.endpoints.iter().find_map(|e| match &e.client_tls {
+            ClientTls::Local { state_dir } => Some(state_dir),
+            ClientTls::Files { .. } => None,
+        }) {
+            let _ = writeln!(s, "state_dir = {}", q(&dir.display().to_string()));
+        }
         let _ = writeln!(
             s,
             "log_format = {}",
@@ -952,6 +961,19 @@ mod tests {
             None => None,
         };
         Config::merge(&parsed.proxy, &given, file, &Env::default())
+    }
+
+    /// Found by the config fuzz target: the rendering left the local CA's
+    /// directory in a comment, so it read back as the default.
+    #[test]
+    fn state_dir_reads_back_from_the_rendering() {
+        let c = load(&["--upstream", "db.x"], Some("state_dir = \"/srv/ca\"\n")).unwrap();
+        let local = ClientTls::Local {
+            state_dir: PathBuf::from("/srv/ca"),
+        };
+        assert_eq!(c.first().client_tls, local);
+        let again = load(&[], Some(&c.render())).unwrap();
+        assert_eq!(again.first().client_tls, local);
     }
 
     #[test]

@@ -25,6 +25,9 @@ use crate::upstream::{self, Upstream};
 /// The longest a goodbye (an error, a Terminate) may take to write to a
 /// peer that does not read.
 const FINAL_WRITE: std::time::Duration = std::time::Duration::from_secs(2);
+/// How long a session the proxy ends (shutdown, idle) may take to reach a
+/// message boundary in both directions.
+const STOP_GRACE: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// Who is on the other end of an accepted socket.
 #[derive(Debug, Clone)]
@@ -270,24 +273,46 @@ async fn run(
             tap.greeting(&greeting);
             tap
         });
-        let ended = tokio::select! {
-            r = async {
+        let stop = crate::forward::Stop::default();
+        let (ended, cut) = {
+            let mut pump = std::pin::pin!(async {
                 match tap.as_mut() {
                     // Audit or the password guard: the inspecting pump.
-                    Some(tap) => crate::gate::forward_tapped(&mut stream, &mut watched, tap).await,
-                    None => crate::forward::forward(&mut stream, &mut watched).await,
+                    Some(tap) => {
+                        crate::gate::forward_tapped(&mut stream, &mut watched, tap, &stop).await
+                    }
+                    None => crate::forward::forward(&mut stream, &mut watched, &stop).await,
                 }
-            } => Ok(r),
-            _ = phase.wait_for(|p| *p == Phase::Terminating) => Err((
-                sqlstate::ADMIN_SHUTDOWN,
-                "terminating connection due to administrator command",
-                "rds-iam-proxy is shutting down",
-            )),
-            _ = idle.expired(config.idle_timeout) => Err((
-                sqlstate::IDLE_SESSION_TIMEOUT,
-                "terminating connection due to idle-session timeout",
-                "rds-iam-proxy ends sessions with no traffic for its --idle-timeout",
-            )),
+            });
+            let why = tokio::select! {
+                r = &mut pump => Ok(r),
+                _ = phase.wait_for(|p| *p == Phase::Terminating) => Err((
+                    sqlstate::ADMIN_SHUTDOWN,
+                    "terminating connection due to administrator command",
+                    "rds-iam-proxy is shutting down",
+                )),
+                _ = idle.expired(config.idle_timeout) => Err((
+                    sqlstate::IDLE_SESSION_TIMEOUT,
+                    "terminating connection due to idle-session timeout",
+                    "rds-iam-proxy ends sessions with no traffic for its --idle-timeout",
+                )),
+            };
+            // The proxy ends the session: at the next message boundary in each
+            // direction, so that the FATAL and the Terminate are whole messages
+            // of their own. A peer that stays inside a message past STOP_GRACE
+            // is cut off with neither.
+            match why {
+                Ok(r) => (Ok(r), false),
+                Err(why) => {
+                    stop.request();
+                    match tokio::time::timeout(STOP_GRACE, &mut pump).await {
+                        Ok(Ok((_, crate::forward::Ending::Stopped))) => (Err(why), false),
+                        // It ended on its own meanwhile.
+                        Ok(r) => (Ok(r), false),
+                        Err(_) => (Err(why), true),
+                    }
+                }
+            }
         };
         let end_record = match &ended {
             Ok(result) => crate::audit::record::session_end(id, started, result),
@@ -329,12 +354,21 @@ async fn run(
                 )
             }
             Err((code, message, detail)) => {
-                // Forwarding stopped where it was waiting. A session ended
-                // after the drain or for idleness is almost always at
-                // ReadyForQuery, so the FATAL (the one PostgreSQL sends in
-                // the same case) lands on a message boundary; one caught
-                // mid-result gets it mid-stream and ends all the same. The
-                // server gets a Terminate.
+                // Between messages, the FATAL (the one PostgreSQL sends in
+                // the same case) and the Terminate are whole messages. A
+                // side still inside a message gets neither: the server
+                // drops a half message at end of stream, unrun; a client
+                // would read the FATAL as part of a server message.
+                let client_whole = !cut || stop.client_whole();
+                if cut {
+                    warn!(
+                        sqlstate = code,
+                        seconds = started.elapsed().as_secs(),
+                        side = if client_whole { "client" } else { "server" },
+                        "session cut by the proxy inside a message \
+                         (no message boundary within {STOP_GRACE:?}): {message}"
+                    );
+                }
                 let mut out = BytesMut::new();
                 backend::write_error(
                     &mut out,
@@ -349,13 +383,17 @@ async fn run(
                 // A client or server that stopped reading cannot hold the
                 // session (and so the shutdown) past FINAL_WRITE.
                 let _ = tokio::time::timeout(FINAL_WRITE, async {
-                    let _ = stream.write_all(&out).await;
-                    let _ = stream.flush().await;
+                    if client_whole {
+                        let _ = stream.write_all(&out).await;
+                        let _ = stream.flush().await;
+                    }
                     let _ = stream.shutdown().await;
                 })
                 .await;
                 let _ = tokio::time::timeout(FINAL_WRITE, async {
-                    let _ = up.write_all(&[b'X', 0, 0, 0, 4]).await;
+                    if !cut {
+                        let _ = up.write_all(&[b'X', 0, 0, 0, 4]).await;
+                    }
                     let _ = up.shutdown().await;
                 })
                 .await;

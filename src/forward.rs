@@ -10,6 +10,7 @@
 use std::future::poll_fn;
 use std::io;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::{Context, Poll, ready};
 
 use thiserror::Error;
@@ -61,6 +62,41 @@ pub enum Ending {
     ClientClosed,
     /// The server closed first (e.g. a FATAL error, or shutdown).
     UpstreamClosed,
+    /// The proxy asked it to stop ([`Stop`]) and both directions reached
+    /// a message boundary: an ErrorResponse to the client and a Terminate
+    /// to the server may follow as whole messages.
+    Stopped,
+}
+
+/// Asks a running pump to stop at the next message boundary in each
+/// direction: a message already begun is finished (bytes are read only up
+/// to its end), none is begun after it. The session task raises it and
+/// polls the pump on; the pump then ends with [`Ending::Stopped`].
+#[derive(Debug, Default)]
+pub struct Stop {
+    requested: AtomicBool,
+    client_whole: AtomicBool,
+}
+
+impl Stop {
+    pub fn request(&self) {
+        self.requested.store(true, Ordering::Relaxed);
+    }
+
+    pub fn requested(&self) -> bool {
+        self.requested.load(Ordering::Relaxed)
+    }
+
+    /// Once stopping: the client has been sent whole messages only, so an
+    /// ErrorResponse can still follow even if the server's side never
+    /// reaches a boundary (the client's half-sent message holds it).
+    pub fn client_whole(&self) -> bool {
+        self.client_whole.load(Ordering::Relaxed)
+    }
+
+    pub(crate) fn note_client_whole(&self, whole: bool) {
+        self.client_whole.store(whole, Ordering::Relaxed);
+    }
 }
 
 /// The result of a pump's run: its traffic, and who ended the session.
@@ -69,8 +105,10 @@ pub(crate) fn finish(
     result: Result<(), ForwardError>,
     client_terminated: bool,
     client_done: bool,
+    stopped: bool,
 ) -> Result<(Traffic, Ending), (Traffic, ForwardError)> {
     match result {
+        Ok(()) if stopped => Ok((traffic, Ending::Stopped)),
         Ok(()) if client_terminated => Ok((traffic, Ending::ClientTerminated)),
         Ok(()) if client_done => Ok((traffic, Ending::ClientClosed)),
         Ok(()) => Ok((traffic, Ending::UpstreamClosed)),
@@ -96,6 +134,10 @@ pub(crate) struct Pipe {
     pub(crate) done: bool,
     need_flush: bool,
     pub(crate) bytes: u64,
+    /// Most bytes the next read may take (stopping at a boundary; see
+    /// [`Stop`]); `None`: as many as fit. A capped read sets it to 0, so
+    /// the caller sets it afresh from its framing before the next.
+    pub(crate) cap: Option<usize>,
 }
 
 impl Pipe {
@@ -109,7 +151,13 @@ impl Pipe {
             done: false,
             need_flush: false,
             bytes: 0,
+            cap: None,
         }
+    }
+
+    /// Every byte read was written.
+    pub(crate) fn drained(&self) -> bool {
+        self.pos == self.end
     }
 
     /// Moves bytes from `r` to `w` until `r` ends (then shuts `w` down) or
@@ -137,11 +185,19 @@ impl Pipe {
                 if self.filled && self.buf.len() < BUF_SIZE {
                     self.buf.resize(BUF_SIZE, 0);
                 }
-                let mut rb = ReadBuf::new(&mut self.buf);
+                let room = match self.cap {
+                    None => self.buf.len(),
+                    Some(0) => return Poll::Ready(Ok(())),
+                    Some(n) => n.min(self.buf.len()),
+                };
+                let mut rb = ReadBuf::new(&mut self.buf[..room]);
                 match r.as_mut().poll_read(cx, &mut rb) {
                     Poll::Ready(Ok(())) => {
                         let n = rb.filled().len();
                         self.filled = n == self.buf.len();
+                        if self.cap.is_some() {
+                            self.cap = Some(0);
+                        }
                         if n == 0 {
                             self.eof = true;
                         } else {
@@ -189,13 +245,23 @@ impl Pipe {
     }
 }
 
-/// Forwards until the session ends. Returns the traffic and who ended it.
+/// A server stream the proxy could not frame.
+pub(crate) fn server_protocol(e: FrameError) -> ForwardError {
+    ForwardError::Io {
+        side: Side::Upstream,
+        source: io::Error::new(io::ErrorKind::InvalidData, e),
+    }
+}
+
+/// Forwards until the session ends or, once `stop` is raised, until both
+/// directions are between messages. Returns the traffic and how it ended.
 ///
-/// Cancel-safe in the sense that dropping it drops no buffered bytes that
-/// either side still waits for only when the connection is dropped with it.
+/// Dropping it mid-message leaves either side with part of a message:
+/// raise `stop` and poll it on instead (the session task bounds how long).
 pub async fn forward<C, U>(
     client: &mut C,
     upstream: &mut U,
+    stop: &Stop,
 ) -> Result<(Traffic, Ending), (Traffic, ForwardError)>
 where
     C: AsyncRead + AsyncWrite + Unpin + ?Sized,
@@ -204,47 +270,71 @@ where
     let mut up = Pipe::new();
     let mut down = Pipe::new();
     let mut scanner = Scanner::new(MAX_CLIENT_MESSAGE);
+    // The server's boundaries, so a stop never cuts one of its messages.
+    let mut server = Scanner::new(u32::MAX);
     let mut messages = 0u64;
     let mut terminated = false;
+    let mut stopped = false;
 
     let result = poll_fn(|cx| {
-        if !up.done {
-            let inspect = |chunk: &[u8]| {
-                scanner.feed(chunk, |h| {
-                    messages += 1;
-                    if h.tag == b'X' {
-                        terminated = true;
-                    }
-                })?;
-                Ok(())
-            };
-            if let Poll::Ready(r) = up.poll_pump(
-                cx,
-                Pin::new(&mut *client),
-                Pin::new(&mut *upstream),
-                Side::Client,
-                inspect,
-            ) {
+        loop {
+            let stopping = stop.requested();
+            if stopping {
+                up.cap = Some(scanner.to_boundary());
+                down.cap = Some(server.to_boundary());
+            }
+            let before = (up.bytes, down.bytes, up.done);
+            if !up.done {
+                let inspect = |chunk: &[u8]| {
+                    scanner.feed(chunk, |h| {
+                        messages += 1;
+                        if h.tag == b'X' {
+                            terminated = true;
+                        }
+                    })?;
+                    Ok(())
+                };
+                if let Poll::Ready(r) = up.poll_pump(
+                    cx,
+                    Pin::new(&mut *client),
+                    Pin::new(&mut *upstream),
+                    Side::Client,
+                    inspect,
+                ) {
+                    r?;
+                }
+            }
+            if !down.done
+                && let Poll::Ready(r) = down.poll_pump(
+                    cx,
+                    Pin::new(&mut *upstream),
+                    Pin::new(&mut *client),
+                    Side::Upstream,
+                    |chunk| server.feed(chunk, |_| {}).map_err(server_protocol),
+                )
+            {
                 r?;
             }
-        }
-        if !down.done
-            && let Poll::Ready(r) = down.poll_pump(
-                cx,
-                Pin::new(&mut *upstream),
-                Pin::new(&mut *client),
-                Side::Upstream,
-                |_| Ok(()),
-            )
-        {
-            r?;
-        }
-        // The server's side ending ends the session; the client's side
-        // ending waits for the server to finish answering.
-        if down.done {
-            Poll::Ready(Ok(()))
-        } else {
-            Poll::Pending
+            // The server's side ending ends the session; the client's side
+            // ending waits for the server to finish answering.
+            if down.done {
+                return Poll::Ready(Ok(()));
+            }
+            if stopping {
+                let client_quiet = up.done || (up.drained() && scanner.at_boundary());
+                let client_whole = down.drained() && server.at_boundary();
+                stop.note_client_whole(client_whole);
+                if client_quiet && client_whole {
+                    stopped = true;
+                    return Poll::Ready(Ok(()));
+                }
+                // Bytes moved under a cap: take the cap afresh. (A pipe whose
+                // cap is 0 returns at once, which is no progress.)
+                if (up.bytes, down.bytes, up.done) != before {
+                    continue;
+                }
+            }
+            return Poll::Pending;
         }
     })
     .await;
@@ -254,7 +344,7 @@ where
         upstream_to_client: down.bytes,
         client_messages: messages,
     };
-    finish(traffic, result, terminated, up.done)
+    finish(traffic, result, terminated, up.done, stopped)
 }
 
 #[cfg(test)]
@@ -309,7 +399,9 @@ mod tests {
     async fn relays_both_ways_and_sees_terminate() {
         let (mut client, mut proxy_client) = tokio::io::duplex(64);
         let (mut proxy_up, mut server) = tokio::io::duplex(64);
-        let task = tokio::spawn(async move { forward(&mut proxy_client, &mut proxy_up).await });
+        let task = tokio::spawn(async move {
+            forward(&mut proxy_client, &mut proxy_up, &Stop::default()).await
+        });
 
         let query = msg(b'Q', b"select 1\0");
         client.write_all(&query).await.unwrap();
@@ -340,11 +432,74 @@ mod tests {
         assert_eq!(traffic.upstream_to_client, 200_000);
     }
 
+    /// A stop finishes the message each side has begun, and begins none:
+    /// the client's half-sent Query reaches the server whole and the next
+    /// one not at all; the server's half-sent DataRow reaches the client
+    /// whole and the next one not at all.
+    #[tokio::test]
+    async fn stop_waits_for_the_messages_in_flight() {
+        let (mut client, mut proxy_client) = tokio::io::duplex(1024);
+        let (mut proxy_up, mut server) = tokio::io::duplex(1024);
+        let stop = std::sync::Arc::new(Stop::default());
+        let task = tokio::spawn({
+            let stop = stop.clone();
+            async move { forward(&mut proxy_client, &mut proxy_up, &stop).await }
+        });
+        let first = msg(b'Q', b"select 1\0");
+        let row = msg(b'D', b"\0\x01\0\0\0\x03abc");
+        client.write_all(&first[..7]).await.unwrap();
+        server.write_all(&row[..6]).await.unwrap();
+        let mut got = vec![0; 7];
+        server.read_exact(&mut got).await.unwrap();
+        let mut got = vec![0; 6];
+        client.read_exact(&mut got).await.unwrap();
+
+        stop.request();
+        let mut more = first[7..].to_vec();
+        more.extend(msg(b'Q', b"select 2\0"));
+        client.write_all(&more).await.unwrap();
+        let mut more = row[6..].to_vec();
+        more.extend(msg(b'D', b"\0\x01\0\0\0\x03def"));
+        server.write_all(&more).await.unwrap();
+
+        let (_, ending) = task.await.unwrap().unwrap();
+        assert_eq!(ending, Ending::Stopped);
+        let mut rest = Vec::new();
+        server.read_to_end(&mut rest).await.unwrap();
+        assert_eq!(rest, first[7..], "the server got more than the first Query");
+        let mut rest = Vec::new();
+        client.read_to_end(&mut rest).await.unwrap();
+        assert_eq!(rest, row[6..], "the client got more than the first DataRow");
+    }
+
+    /// Between messages on both sides, a stop ends the pump at once.
+    #[tokio::test]
+    async fn stop_between_messages_is_immediate() {
+        let (mut client, mut proxy_client) = tokio::io::duplex(1024);
+        let (mut proxy_up, mut server) = tokio::io::duplex(1024);
+        let stop = Stop::default();
+        let mut pump = std::pin::pin!(forward(&mut proxy_client, &mut proxy_up, &stop));
+        client.write_all(&msg(b'Q', b"select 1\0")).await.unwrap();
+        let idle = tokio::time::timeout(std::time::Duration::from_millis(100), &mut pump).await;
+        assert!(idle.is_err(), "the pump ended by itself");
+        stop.request();
+        let (traffic, ending) = tokio::time::timeout(std::time::Duration::from_secs(5), pump)
+            .await
+            .expect("a stop between messages ends the pump")
+            .unwrap();
+        assert_eq!(ending, Ending::Stopped);
+        assert_eq!(traffic.client_messages, 1);
+        let mut got = vec![0; 14];
+        server.read_exact(&mut got).await.unwrap();
+    }
+
     #[tokio::test]
     async fn malformed_client_stream_is_stopped() {
         let (mut client, mut proxy_client) = tokio::io::duplex(64);
         let (mut proxy_up, mut server) = tokio::io::duplex(64);
-        let task = tokio::spawn(async move { forward(&mut proxy_client, &mut proxy_up).await });
+        let task = tokio::spawn(async move {
+            forward(&mut proxy_client, &mut proxy_up, &Stop::default()).await
+        });
         client.write_all(&[b'Q', 0, 0, 0, 1]).await.unwrap();
         let (_, err) = task.await.unwrap().unwrap_err();
         assert!(

@@ -32,7 +32,7 @@ use tokio::sync::oneshot;
 
 use crate::audit::tap::{Refusal, Verdict};
 use crate::audit::{Auditor, SessionTap};
-use crate::forward::{Ending, ForwardError, Pipe, Side, Traffic};
+use crate::forward::{Ending, ForwardError, Pipe, Side, Stop, Traffic, server_protocol};
 use crate::pg::frame::{HEADER_LEN, Header, MAX_CLIENT_MESSAGE, parse_header};
 use crate::pg::messages::Capture;
 
@@ -78,6 +78,9 @@ struct Gate {
     hold_flushed: bool,
     eof: bool,
     done: bool,
+    /// Judge no further message ([`Stop`]): finish the one being
+    /// forwarded, and leave what follows unread or unsent.
+    stopping: bool,
     need_flush: bool,
     /// Bytes of `buf` past [`BUF_SIZE`], taken from the shared budget.
     reserved: usize,
@@ -108,6 +111,7 @@ impl Gate {
             hold_flushed: false,
             eof: false,
             done: false,
+            stopping: false,
             need_flush: false,
             reserved: 0,
             auditor,
@@ -115,6 +119,17 @@ impl Gate {
             messages: 0,
             terminated: false,
         }
+    }
+
+    /// Nothing of a message is half sent: every byte approved is written,
+    /// no message is being streamed, dropped or waits for its record. A
+    /// held message has sent nothing yet.
+    fn between_messages(&self) -> bool {
+        self.start == self.cleared
+            && self.inject_pos >= self.inject.len()
+            && self.stream_left == 0
+            && self.skip_left == 0
+            && self.wait.is_none()
     }
 
     fn apply(&mut self, verdict: Verdict, tag: u8, frame_len: usize) -> Result<(), ForwardError> {
@@ -227,6 +242,9 @@ impl Gate {
                 self.need_flush = true;
                 continue;
             }
+            if self.stopping && self.between_messages() {
+                return Poll::Ready(Ok(()));
+            }
             if self.held {
                 // Woken again once server messages arrived (see
                 // `forward_tapped`), with `held` cleared, or once the
@@ -283,6 +301,9 @@ impl Gate {
                     self.cleared += n;
                     self.stream_left -= n;
                     continue;
+                }
+                if self.stopping {
+                    break;
                 }
                 match self.judge(tap)? {
                     None => {}
@@ -415,6 +436,7 @@ pub async fn forward_tapped<C, U>(
     client: &mut C,
     upstream: &mut U,
     tap: &mut SessionTap,
+    stop: &Stop,
 ) -> Result<(Traffic, Ending), (Traffic, ForwardError)>
 where
     C: AsyncRead + AsyncWrite + Unpin + ?Sized,
@@ -424,8 +446,15 @@ where
     let mut down = Pipe::new();
     let mut capture = Capture::new(u32::MAX, SERVER_PREFIX);
 
+    let mut stopped = false;
     let result = poll_fn(|cx| {
         loop {
+            let stopping = stop.requested();
+            if stopping {
+                up.stopping = true;
+                down.cap = Some(capture.to_boundary());
+            }
+            let before = (up.bytes, down.bytes, up.done);
             if !up.done
                 && let Poll::Ready(r) =
                     up.poll_pump(cx, Pin::new(&mut *client), Pin::new(&mut *upstream), tap)
@@ -438,10 +467,7 @@ where
                     answered = true;
                     capture
                         .feed(chunk, server_wanted, |t, b| tap.server_message(t, b))
-                        .map_err(|e| ForwardError::Io {
-                            side: Side::Upstream,
-                            source: io::Error::new(io::ErrorKind::InvalidData, e),
-                        })?;
+                        .map_err(server_protocol)?;
                     Ok(())
                 };
                 if let Poll::Ready(r) = down.poll_pump(
@@ -456,6 +482,17 @@ where
             }
             if down.done {
                 return Poll::Ready(Ok(()));
+            }
+            if stopping {
+                let client_quiet = up.done || up.between_messages();
+                if client_quiet && down.drained() && capture.to_boundary() == 0 {
+                    stopped = true;
+                    return Poll::Ready(Ok(()));
+                }
+                // Bytes moved under a cap: take the cap afresh.
+                if (up.bytes, down.bytes, up.done) != before {
+                    continue;
+                }
             }
             // A held message is judged again once the server has said more.
             if up.held && answered {
@@ -472,7 +509,7 @@ where
         upstream_to_client: down.bytes,
         client_messages: up.messages,
     };
-    crate::forward::finish(traffic, result, up.terminated, up.done)
+    crate::forward::finish(traffic, result, up.terminated, up.done, stopped)
 }
 
 /// Which server messages the tap reads, and how much of each: those that
@@ -586,7 +623,8 @@ mod tests {
         let (mut proxy_up, server) = tokio::io::duplex(size);
         let task = tokio::spawn(async move {
             let mut tap = SessionTap::new(1, auditor);
-            let r = forward_tapped(&mut proxy_client, &mut proxy_up, &mut tap).await;
+            let r =
+                forward_tapped(&mut proxy_client, &mut proxy_up, &mut tap, &Stop::default()).await;
             (r, tap.refused)
         });
         (client, server, task)
@@ -618,6 +656,43 @@ mod tests {
 
     /// A Query that declares 16 MiB and sends 40 KiB costs about 40 KiB,
     /// not 16 MiB; everything is given back when the session ends.
+    /// A stop sends nothing of a message the gate has not judged (a
+    /// Query still arriving is held whole, so none of it has gone), and
+    /// finishes the server's message in flight.
+    #[tokio::test]
+    async fn stop_sends_no_part_of_a_message() {
+        let (mut client, mut proxy_client) = tokio::io::duplex(1024);
+        let (mut proxy_up, mut server) = tokio::io::duplex(1024);
+        let stop = Arc::new(Stop::default());
+        let task = tokio::spawn({
+            let stop = stop.clone();
+            async move {
+                let mut tap = SessionTap::new(1, auditor(HOLD_BUDGET));
+                forward_tapped(&mut proxy_client, &mut proxy_up, &mut tap, &stop).await
+            }
+        });
+        let first = q("select 1");
+        let mut row = Vec::new();
+        row.extend([b'D', 0, 0, 0, 13, 0, 1, 0, 0, 0, 3]);
+        row.extend(b"abc");
+        client.write_all(&first[..7]).await.unwrap();
+        server.write_all(&row[..6]).await.unwrap();
+        let mut got = vec![0; 6];
+        client.read_exact(&mut got).await.unwrap();
+        stop.request();
+        client.write_all(&first[7..]).await.unwrap();
+        server.write_all(&row[6..]).await.unwrap();
+        server.write_all(&row).await.unwrap();
+        let (_, ending) = task.await.unwrap().unwrap();
+        assert_eq!(ending, Ending::Stopped);
+        let mut rest = Vec::new();
+        server.read_to_end(&mut rest).await.unwrap();
+        assert!(rest.is_empty(), "the server got {rest:?}");
+        let mut rest = Vec::new();
+        client.read_to_end(&mut rest).await.unwrap();
+        assert_eq!(rest, row[6..], "the client got more than the first DataRow");
+    }
+
     #[tokio::test]
     async fn a_long_statement_grows_the_buffer_as_it_arrives() {
         let auditor = auditor(HOLD_BUDGET);

@@ -12,6 +12,8 @@ use std::time::{Duration, Instant};
 
 use support::bed::{AwsHome, Bed, sso_setup, unique_temp_path};
 use support::proxy::{Proxy, clean_pg_env, run};
+use support::raw;
+use tokio::io::AsyncWriteExt;
 use tokio_postgres::NoTls;
 use tokio_postgres::error::SqlState;
 
@@ -576,6 +578,115 @@ async fn sigterm_drains_then_ends_sessions_with_57p01() {
         log.contains("ending the remaining sessions (57P01)"),
         "{log}"
     );
+}
+
+/// A logged-in raw session on the proxy.
+async fn raw_session(port: u16, user: &str) -> tokio::net::TcpStream {
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
+    s.write_all(&raw::startup_packet(
+        0,
+        &[("user", user), ("database", "mylab")],
+    ))
+    .await
+    .unwrap();
+    let login = raw::read_until_ready(&mut s).await;
+    assert_eq!(login.last().map(|m| m.0), Some(b'Z'), "{login:?}");
+    s
+}
+
+/// Ending a session in the middle of a result: the rows stop at a row's
+/// end and the FATAL follows as a message of its own (before, it was
+/// written wherever the relay stood, inside a row, and the client read
+/// garbage).
+#[tokio::test]
+async fn shutdown_mid_result_ends_between_rows() {
+    let Some((bed, home)) = sso_setup("shutdown_mid_result", "opsmidrow") else {
+        return;
+    };
+    let mut proxy = Proxy::builder(bed, &home)
+        .arg("--max-sigterm-delay", "1s")
+        .start();
+    let mut s = raw_session(proxy.addr.port(), "opsmidrow").await;
+    // Rows of 997 bytes, so row ends never line up with the relay's reads.
+    raw::simple_query_send(
+        &mut s,
+        "select repeat('x', 997) from generate_series(1, 100000000)",
+    )
+    .await;
+    let mut rows = 0u64;
+    let last = tokio::time::timeout(DEADLINE, async {
+        let mut signalled = false;
+        loop {
+            let (tag, body) = raw::read_message(&mut s)
+                .await
+                .expect("the stream ended without an ErrorResponse");
+            match tag {
+                b'T' => {}
+                b'D' => {
+                    assert_eq!(body.len(), 2 + 4 + 997, "a cut row");
+                    rows += 1;
+                    if rows == 1000 && !signalled {
+                        proxy.signal("TERM");
+                        signalled = true;
+                    }
+                }
+                _ => return (tag, body),
+            }
+        }
+    })
+    .await
+    .expect("the session did not end");
+    assert_eq!(last.0, b'E', "after {rows} rows");
+    let (code, message) = raw::error_fields(&last.1);
+    assert_eq!(code, "57P01", "{message}");
+    assert!(
+        raw::read_message(&mut s).await.is_none(),
+        "bytes after the FATAL"
+    );
+    assert_eq!(proxy.wait_exit(DEADLINE).code(), Some(0), "{}", proxy.log());
+    assert!(!proxy.log().contains("session cut"), "{}", proxy.log());
+}
+
+/// A client that stops inside a message when the proxy ends its session
+/// cannot hold it. Through the inspecting pump (the password guard, on by
+/// default) none of the half message has gone upstream, so the session
+/// ends cleanly; through the plain relay part of it has, so after the
+/// grace the server's side is closed without a Terminate spliced into the
+/// message, and the client, whose side is whole, still gets the FATAL.
+#[tokio::test]
+async fn shutdown_with_a_client_stuck_inside_a_message() {
+    let Some((bed, home)) = sso_setup("shutdown_stuck_client", "opsstuck") else {
+        return;
+    };
+    for plain_relay in [false, true] {
+        let mut builder = Proxy::builder(bed, &home);
+        builder = builder.arg("--max-sigterm-delay", "1s");
+        if plain_relay {
+            builder = builder.env("RDS_IAM_PROXY_ALLOW_PASSWORD_CHANGES", "true");
+        }
+        let mut proxy = builder.start();
+        let mut s = raw_session(proxy.addr.port(), "opsstuck").await;
+        // Half a Query: its header says 100 bytes, 3 come.
+        s.write_all(&[b'Q', 0, 0, 0, 100, b's', b'e', b'l'])
+            .await
+            .unwrap();
+        proxy.signal("TERM");
+        let (tag, body) = tokio::time::timeout(DEADLINE, raw::read_message(&mut s))
+            .await
+            .expect("the proxy did not end the session")
+            .expect("no FATAL before the end");
+        assert_eq!(tag, b'E');
+        assert_eq!(raw::error_fields(&body).0, "57P01");
+        assert_eq!(proxy.wait_exit(DEADLINE).code(), Some(0), "{}", proxy.log());
+        let log = proxy.log();
+        assert_eq!(
+            log.contains("session cut by the proxy inside a message"),
+            plain_relay,
+            "{log}"
+        );
+    }
 }
 
 /// A second signal cuts the drain short, but the audit trail is still

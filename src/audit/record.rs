@@ -78,6 +78,7 @@ pub fn session_end(
         Ok((t, Ending::ClientTerminated)) => (t, "client", "terminate".to_owned()),
         Ok((t, Ending::ClientClosed)) => (t, "client", "closed without terminate".to_owned()),
         Ok((t, Ending::UpstreamClosed)) => (t, "upstream", "server closed".to_owned()),
+        Ok((t, Ending::Stopped)) => (t, "proxy", "stopped".to_owned()),
         Err((t, e @ ForwardError::Io { side, .. })) => (
             t,
             match side {

@@ -99,6 +99,15 @@ impl HeaderReader {
         self.have == 0
     }
 
+    /// Header bytes still to come once one has started; 0 between messages.
+    pub fn missing(&self) -> usize {
+        if self.have == 0 {
+            0
+        } else {
+            HEADER_LEN - self.have
+        }
+    }
+
     /// Takes header bytes from the front of `chunk`, advancing it; returns
     /// the header once all five bytes are in.
     pub fn take(&mut self, chunk: &mut &[u8]) -> Result<Option<Header>, FrameError> {
@@ -138,6 +147,16 @@ impl Scanner {
     /// True when the stream is between two messages.
     pub fn at_boundary(&self) -> bool {
         self.header.is_empty() && self.remaining == 0
+    }
+
+    /// Most bytes that can be read without passing the end of the current
+    /// message (its header first, then its body); 0 between messages.
+    pub fn to_boundary(&self) -> usize {
+        if self.remaining > 0 {
+            self.remaining
+        } else {
+            self.header.missing()
+        }
     }
 
     /// Consumes `chunk`, calling `on_header` for every header completed in it.

@@ -239,6 +239,18 @@ impl Capture {
         }
     }
 
+    /// Most bytes that can be read without passing the end of the current
+    /// message; 0 between messages (see [`Scanner::to_boundary`]).
+    ///
+    /// [`Scanner::to_boundary`]: crate::pg::frame::Scanner::to_boundary
+    pub fn to_boundary(&self) -> usize {
+        if self.remaining > 0 {
+            self.remaining
+        } else {
+            self.header.missing()
+        }
+    }
+
     /// Consumes `chunk`. `wanted(tag)` says how many body bytes to keep
     /// (`None`: not wanted); `on_message(tag, prefix)` runs once each wanted
     /// message has fully passed.

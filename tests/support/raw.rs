@@ -34,6 +34,16 @@ pub async fn read_message<S: AsyncRead + Unpin>(s: &mut S) -> Option<(u8, Vec<u8
     Some((header[0], body))
 }
 
+/// Sends a simple Query without reading the answer.
+pub async fn simple_query_send<S: AsyncWrite + Unpin>(s: &mut S, sql: &str) {
+    let mut body = sql.as_bytes().to_vec();
+    body.push(0);
+    let mut out = vec![b'Q'];
+    out.extend_from_slice(&((body.len() + 4) as u32).to_be_bytes());
+    out.extend_from_slice(&body);
+    s.write_all(&out).await.unwrap();
+}
+
 /// Reads messages up to and including ReadyForQuery or an ErrorResponse.
 pub async fn read_until_ready<S: AsyncRead + Unpin>(s: &mut S) -> Vec<(u8, Vec<u8>)> {
     let mut out = Vec::new();
@@ -64,11 +74,7 @@ pub fn error_fields(body: &[u8]) -> (String, String) {
 
 /// Sends a simple Query and returns the first column of every DataRow.
 pub async fn simple_query<S: AsyncRead + AsyncWrite + Unpin>(s: &mut S, sql: &str) -> Vec<String> {
-    let mut msg = vec![b'Q'];
-    msg.extend_from_slice(&((sql.len() + 5) as u32).to_be_bytes());
-    msg.extend_from_slice(sql.as_bytes());
-    msg.push(0);
-    s.write_all(&msg).await.unwrap();
+    simple_query_send(s, sql).await;
     s.flush().await.unwrap();
     let mut rows = Vec::new();
     loop {
