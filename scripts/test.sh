@@ -45,3 +45,9 @@ if [[ -x .venv/bin/python ]]; then
         run_offline .venv/bin/python -m pytest -q -p no:cacheprovider testbed/tests
 fi
 run_offline cargo test --locked --offline --all-targets "${extra[@]}"
+
+# Fuzzing (docs/fuzzing.md): every target replays its seeds and kept
+# corpus, then fuzzes for FUZZ_SECONDS. Built while the package registry is
+# reachable; run offline like the tests.
+scripts/fuzz.sh build
+CARGO_NET_OFFLINE=true FUZZ_SECONDS="${FUZZ_SECONDS:-15}" run_offline scripts/fuzz.sh short
