@@ -44,7 +44,6 @@ use rds_iam_proxy::gate::{HOLD_LIMIT, SERVER_PREFIX, bytes_to_judge, server_want
 use rds_iam_proxy::pg::frame::{HEADER_LEN, MAX_CLIENT_MESSAGE, parse_header, split_frame};
 use rds_iam_proxy::pg::messages::{self, Capture};
 
-
 /// The crate's audit writer, started once and closed at once.
 fn closed_sink() -> Arc<Sink> {
     static SINK: OnceLock<Arc<Sink>> = OnceLock::new();
@@ -127,7 +126,11 @@ fn injected(inject: &[u8], tag: u8) -> &[u8] {
         .expect("replacement has a valid header")
         .expect("replacement is whole");
     assert_eq!(h.tag, tag, "replacement of another type");
-    assert_eq!(h.frame_len(), inject.len(), "replacement has trailing bytes");
+    assert_eq!(
+        h.frame_len(),
+        inject.len(),
+        "replacement has trailing bytes"
+    );
     body
 }
 
@@ -146,7 +149,10 @@ fn writer_view(text: &[u8]) {
     redact::split(text, &mut parts);
     let mut last = 0;
     for &(start, end) in &parts {
-        assert!(last <= start && start <= end && end <= text.len(), "{parts:?}");
+        assert!(
+            last <= start && start <= end && end <= text.len(),
+            "{parts:?}"
+        );
         last = end;
     }
     if parts.is_empty() {

@@ -23,7 +23,11 @@ fn body_of(out: &[u8], tag: u8) -> &[u8] {
         .expect("written message has a valid header")
         .expect("written message is complete");
     assert_eq!(h.tag, tag);
-    assert_eq!(h.frame_len(), out.len(), "written message has trailing bytes");
+    assert_eq!(
+        h.frame_len(),
+        out.len(),
+        "written message has trailing bytes"
+    );
     body
 }
 
@@ -68,14 +72,21 @@ fn server(body: &[u8]) {
             assert_eq!(secret.len() + 4, body.len());
             let mut out = BytesMut::new();
             backend::write_backend_key(&mut out, pid, secret);
-            assert_eq!(body_of(&out, b'K'), body, "BackendKeyData does not read back");
+            assert_eq!(
+                body_of(&out, b'K'),
+                body,
+                "BackendKeyData does not read back"
+            );
         }
         None => assert!(!(8..=MAX_CANCEL_SECRET + 4).contains(&body.len())),
     }
 
     // NegotiateProtocolVersion.
     if let Some(minor) = parse_negotiate_version(body) {
-        assert_eq!(u32::from_be_bytes(body[..4].try_into().unwrap()), (3 << 16) | u32::from(minor));
+        assert_eq!(
+            u32::from_be_bytes(body[..4].try_into().unwrap()),
+            (3 << 16) | u32::from(minor)
+        );
         let mut out = BytesMut::new();
         backend::write_negotiate_version(&mut out, minor, &["_pq_.x".to_owned()]);
         assert_eq!(parse_negotiate_version(body_of(&out, b'v')), Some(minor));
@@ -89,7 +100,10 @@ fn server(body: &[u8]) {
             // ("SELECT 007" counts 7).
             let last_word = tag.rsplit(|&b| b == b' ').next().unwrap();
             assert!(last_word.iter().all(u8::is_ascii_digit) && last_word.len() < tag.len());
-            assert_eq!(std::str::from_utf8(last_word).unwrap().parse::<u64>().ok(), Some(n));
+            assert_eq!(
+                std::str::from_utf8(last_word).unwrap().parse::<u64>().ok(),
+                Some(n)
+            );
         }
     }
 

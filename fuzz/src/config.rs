@@ -84,7 +84,10 @@ fn merge(l: &Line, text: &str) -> Option<Config> {
 fn validated(c: &Config) {
     assert!(!c.endpoints.is_empty());
     for (i, e) in c.endpoints.iter().enumerate() {
-        assert!(!e.listen.is_empty() || e.unix_socket.is_some(), "endpoint without listener");
+        assert!(
+            !e.listen.is_empty() || e.unix_socket.is_some(),
+            "endpoint without listener"
+        );
         assert!(!e.upstream_host.is_empty());
         assert_eq!(e.upstream_host, e.upstream_host.to_ascii_lowercase());
         for other in &c.endpoints[..i] {
@@ -98,7 +101,10 @@ fn validated(c: &Config) {
     assert!(c.idle_timeout.is_none_or(|d| !d.is_zero()));
     assert!(c.max_connections >= 1 && c.max_handshakes >= 1 && c.max_handshakes_per_source >= 1);
     let a = &c.audit;
-    assert!(a.mode == Mode::Off || a.dir.is_some(), "auditing without a directory");
+    assert!(
+        a.mode == Mode::Off || a.dir.is_some(),
+        "auditing without a directory"
+    );
     assert!(a.max_statement_bytes >= 64);
     assert!(a.rotate_bytes >= 1024 * 1024 && a.rotate_bytes % (1024 * 1024) == 0);
     assert!(a.queue_capacity >= 16);

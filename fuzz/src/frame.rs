@@ -156,16 +156,14 @@ pub fn check(data: &[u8]) {
     let want = reference(stream, &s);
     let whole = feed(std::iter::once(stream), &s);
     assert_eq!(whole, want, "whole stream");
-    assert_eq!(
-        feed(stream.chunks(1), &s),
-        want,
-        "byte by byte"
-    );
+    assert_eq!(feed(stream.chunks(1), &s), want, "byte by byte");
     let mut rng = Rng::new(seed);
     let cuts: Vec<usize> = if stream.len() <= 256 {
         (0..=stream.len()).collect()
     } else {
-        (0..48).map(|_| rng.next() as usize % (stream.len() + 1)).collect()
+        (0..48)
+            .map(|_| rng.next() as usize % (stream.len() + 1))
+            .collect()
     };
     for at in cuts {
         let (a, b) = stream.split_at(at);
