@@ -586,7 +586,7 @@ impl Config {
     /// files, shown by path.
     pub fn render(&self) -> String {
         let mut s = String::new();
-        let q = |v: &str| format!("{v:?}");
+        let q = toml_string;
         let d = |d: Duration| {
             if d.subsec_millis() != 0 {
                 format!("\"{}ms\"", d.as_millis())
@@ -711,9 +711,8 @@ impl Config {
                         q(&key.display().to_string())
                     );
                 }
-                ClientTls::Local { state_dir } => {
-                    let _ = writeln!(s, "# client TLS: local CA in {}", state_dir.display());
-                }
+                // The local CA's directory is the top-level state_dir.
+                ClientTls::Local { .. } => {}
             }
         }
         s
@@ -794,6 +793,27 @@ fn merge_audit(
         rotate_age: rotate_age.max(Duration::from_secs(1)),
         queue_capacity: pick(given("queue"), a.queue, t.queue).max(16),
     })
+}
+
+/// `v` as a TOML basic string: `"`, `\\` and control characters escaped
+/// the TOML way (Rust's `{:?}` writes `\u{1b}`, which TOML refuses).
+fn toml_string(v: &str) -> String {
+    let mut out = String::with_capacity(v.len() + 2);
+    out.push('"');
+    for c in v.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            '\n' => out.push_str("\\n"),
+            '\t' => out.push_str("\\t"),
+            c if c.is_control() => {
+                let _ = write!(out, "\\u{:04X}", u32::from(c));
+            }
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+    out
 }
 
 fn pick<T>(flag_given: bool, flag: T, file: Option<T>) -> T {
@@ -974,6 +994,15 @@ mod tests {
         assert_eq!(c.first().client_tls, local);
         let again = load(&[], Some(&c.render())).unwrap();
         assert_eq!(again.first().client_tls, local);
+        // Also a path with characters TOML must escape.
+        let odd = "state_dir = \"/srv/c\\ea \\\"q\\\" \\\\ \\t\"\n";
+        let c = load(&["--upstream", "db.x"], Some(odd)).unwrap();
+        let again = load(&[], Some(&c.render())).unwrap();
+        assert_eq!(again.first().client_tls, c.first().client_tls);
+        let ClientTls::Local { state_dir } = &c.first().client_tls else {
+            panic!("not the local CA");
+        };
+        assert_eq!(state_dir, Path::new("/srv/c\u{1b}a \"q\" \\ \t"));
     }
 
     #[test]
