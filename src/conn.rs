@@ -321,16 +321,49 @@ async fn run(
             }
         };
         ctx.audit.record(end_record).await;
-        if let Ok(Err((_, crate::forward::ForwardError::Audit(why)))) = &ended {
-            let mut out = BytesMut::new();
-            backend::write_error(&mut out, &crate::error::audit_fatal(why));
+        // A session that ended by itself: the client is told why when the
+        // proxy knows something it does not (an audit failure, a lost
+        // server) and its side is between messages (see Pipe: a short
+        // message the server left unfinished never reached it).
+        if let Ok(result) = &ended {
+            use crate::forward::{Ending, ForwardError, Side};
+            let last_word = match result {
+                Err((_, ForwardError::Audit(why))) => Some(crate::error::audit_fatal(why)),
+                Ok((_, Ending::UpstreamLost))
+                | Err((
+                    _,
+                    ForwardError::Io {
+                        side: Side::Upstream,
+                        ..
+                    },
+                )) => Some(crate::error::upstream_lost()),
+                _ => None,
+            };
+            let last_word = last_word.filter(|_| stop.client_whole());
             let _ = tokio::time::timeout(FINAL_WRITE, async {
-                let _ = stream.write_all(&out).await;
+                if let Some(m) = last_word {
+                    let mut out = BytesMut::new();
+                    backend::write_error(&mut out, &m);
+                    let _ = stream.write_all(&out).await;
+                    let _ = stream.flush().await;
+                }
                 let _ = stream.shutdown().await;
             })
             .await;
         }
         match ended {
+            Ok(Ok((traffic, crate::forward::Ending::UpstreamLost))) => {
+                ctx.metrics
+                    .session_bytes(traffic.client_to_upstream, traffic.upstream_to_client);
+                warn!(
+                    bytes_in = traffic.client_to_upstream,
+                    bytes_out = traffic.upstream_to_client,
+                    seconds = started.elapsed().as_secs(),
+                    client_told = stop.client_whole(),
+                    "session ended: connection to the server lost (it closed with no message \
+                     of the server's)"
+                )
+            }
             Ok(Ok((traffic, ending))) => {
                 ctx.metrics
                     .session_bytes(traffic.client_to_upstream, traffic.upstream_to_client);

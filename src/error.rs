@@ -193,6 +193,21 @@ pub fn audit_fatal(why: &str) -> ErrorMessage {
     )
 }
 
+/// The FATAL sent when the connection to the server is lost mid-session
+/// (reset, cut, or closed with no word from the server).
+pub fn upstream_lost() -> ErrorMessage {
+    fatal(
+        sqlstate::CONNECTION_FAILURE,
+        "connection to the database server was lost",
+        Some(
+            "the statement in progress may or may not have completed; reconnect and check. \
+             If it keeps happening, check the server and the network between rds-iam-proxy \
+             and it (the proxy's log says more)"
+                .into(),
+        ),
+    )
+}
+
 fn upstream_message(e: &UpstreamError, upstream: &str) -> Option<ErrorMessage> {
     use sqlstate::*;
     let unreachable = |what: String| {

@@ -60,8 +60,13 @@ pub enum Ending {
     ClientTerminated,
     /// The client closed without Terminate.
     ClientClosed,
-    /// The server closed first (e.g. a FATAL error, or shutdown).
+    /// The server closed first, after a message of its own (a FATAL error,
+    /// e.g. at its shutdown).
     UpstreamClosed,
+    /// The server's stream ended with no last message from the server (a
+    /// reset, a crash, a network cut, inside a message or between two): the
+    /// client has not been told why.
+    UpstreamLost,
     /// The proxy asked it to stop ([`Stop`]) and both directions reached
     /// a message boundary: an ErrorResponse to the client and a Terminate
     /// to the server may follow as whole messages.
@@ -87,9 +92,9 @@ impl Stop {
         self.requested.load(Ordering::Relaxed)
     }
 
-    /// Once stopping: the client has been sent whole messages only, so an
-    /// ErrorResponse can still follow even if the server's side never
-    /// reaches a boundary (the client's half-sent message holds it).
+    /// The client has been sent whole messages only, so a message of the
+    /// proxy's own can still follow. Noted while stopping and when the pump
+    /// ends (the session task reads it after either).
     pub fn client_whole(&self) -> bool {
         self.client_whole.load(Ordering::Relaxed)
     }
@@ -106,12 +111,14 @@ pub(crate) fn finish(
     client_terminated: bool,
     client_done: bool,
     stopped: bool,
+    server_said_why: bool,
 ) -> Result<(Traffic, Ending), (Traffic, ForwardError)> {
     match result {
         Ok(()) if stopped => Ok((traffic, Ending::Stopped)),
         Ok(()) if client_terminated => Ok((traffic, Ending::ClientTerminated)),
         Ok(()) if client_done => Ok((traffic, Ending::ClientClosed)),
-        Ok(()) => Ok((traffic, Ending::UpstreamClosed)),
+        Ok(()) if server_said_why => Ok((traffic, Ending::UpstreamClosed)),
+        Ok(()) => Ok((traffic, Ending::UpstreamLost)),
         Err(e) => Err((traffic, e)),
     }
 }
@@ -124,14 +131,28 @@ pub struct Traffic {
     pub client_messages: u64,
 }
 
+/// One direction's buffer. Bytes are written as they arrive, except the
+/// start of a message that has not fully arrived: while it fits in half the
+/// buffer it is held back until its end is in. The far side then holds
+/// whole messages only, wherever this side stops (a reset, a stall, the
+/// proxy ending the session), so the proxy can still tell it why in a
+/// message of its own. A longer message streams as it comes.
 pub(crate) struct Pipe {
     buf: Vec<u8>,
     /// The last read filled the buffer: grow it before the next.
     filled: bool,
     pos: usize,
     end: usize,
+    /// The last `hold` bytes before `end` wait for the rest of their message.
+    hold: usize,
+    /// Bytes of the unfinished message read so far, as the framing said.
+    partial: usize,
     eof: bool,
     pub(crate) done: bool,
+    /// At the end of the stream, shut the writing side down (half-close).
+    /// The server's stream ending ends the session, and the session task
+    /// may still owe the client a last message: that pipe leaves it open.
+    pub(crate) half_close: bool,
     need_flush: bool,
     pub(crate) bytes: u64,
     /// Most bytes the next read may take (stopping at a boundary; see
@@ -147,29 +168,34 @@ impl Pipe {
             filled: false,
             pos: 0,
             end: 0,
+            hold: 0,
+            partial: 0,
             eof: false,
             done: false,
+            half_close: true,
             need_flush: false,
             bytes: 0,
             cap: None,
         }
     }
 
-    /// Every byte read was written.
-    pub(crate) fn drained(&self) -> bool {
-        self.pos == self.end
+    /// Every byte written ends a message, and nothing else is waiting to be
+    /// written: the far side is between messages.
+    pub(crate) fn whole(&self) -> bool {
+        self.pos + self.hold == self.end && self.partial == self.hold
     }
 
-    /// Moves bytes from `r` to `w` until `r` ends (then shuts `w` down) or
-    /// either side would block. `inspect` sees every chunk before it is
-    /// written.
+    /// Moves bytes from `r` to `w` until `r` ends (then shuts `w` down if
+    /// `half_close`) or either side would block. `inspect` sees every chunk
+    /// before it is written and says how many bytes of an unfinished message
+    /// the stream has had so far (0 at a boundary).
     pub(crate) fn poll_pump<R, W>(
         &mut self,
         cx: &mut Context<'_>,
         mut r: Pin<&mut R>,
         mut w: Pin<&mut W>,
         from: Side,
-        mut inspect: impl FnMut(&[u8]) -> Result<(), ForwardError>,
+        mut inspect: impl FnMut(&[u8]) -> Result<usize, ForwardError>,
     ) -> Poll<Result<(), ForwardError>>
     where
         R: AsyncRead + ?Sized,
@@ -181,29 +207,46 @@ impl Pipe {
         };
         let werr = |source| ForwardError::Io { side: to, source };
         loop {
-            if self.pos == self.end && !self.eof {
+            if self.pos + self.hold == self.end && !self.eof {
+                // Keep a held message's start at the front; read after it.
+                if self.pos > 0 {
+                    self.buf.copy_within(self.pos..self.end, 0);
+                    self.end -= self.pos;
+                    self.pos = 0;
+                }
                 if self.filled && self.buf.len() < BUF_SIZE {
                     self.buf.resize(BUF_SIZE, 0);
                 }
+                let free = self.buf.len() - self.end;
                 let room = match self.cap {
-                    None => self.buf.len(),
+                    None => free,
                     Some(0) => return Poll::Ready(Ok(())),
-                    Some(n) => n.min(self.buf.len()),
+                    Some(n) => n.min(free),
                 };
-                let mut rb = ReadBuf::new(&mut self.buf[..room]);
+                let start = self.end;
+                let mut rb = ReadBuf::new(&mut self.buf[start..start + room]);
                 match r.as_mut().poll_read(cx, &mut rb) {
                     Poll::Ready(Ok(())) => {
                         let n = rb.filled().len();
-                        self.filled = n == self.buf.len();
+                        self.filled = start + n == self.buf.len();
                         if self.cap.is_some() {
                             self.cap = Some(0);
                         }
                         if n == 0 {
                             self.eof = true;
                         } else {
-                            inspect(&self.buf[..n])?;
-                            self.pos = 0;
-                            self.end = n;
+                            self.end = start + n;
+                            self.partial = inspect(&self.buf[start..self.end])?;
+                            // Hold a message's start only while all of it is
+                            // here and it leaves half the buffer to read into.
+                            let unwritten = self.end - self.pos;
+                            self.hold = if self.partial <= unwritten
+                                && self.partial <= self.buf.len() / 2
+                            {
+                                self.partial
+                            } else {
+                                0
+                            };
                         }
                     }
                     // A peer that vanishes without TLS close_notify has
@@ -224,9 +267,12 @@ impl Pipe {
                     }
                 }
             }
-            while self.pos < self.end {
-                let n = ready!(w.as_mut().poll_write(cx, &self.buf[self.pos..self.end]))
-                    .map_err(werr)?;
+            while self.pos + self.hold < self.end {
+                let n = ready!(
+                    w.as_mut()
+                        .poll_write(cx, &self.buf[self.pos..self.end - self.hold])
+                )
+                .map_err(werr)?;
                 if n == 0 {
                     return Poll::Ready(Err(werr(io::ErrorKind::WriteZero.into())));
                 }
@@ -235,14 +281,23 @@ impl Pipe {
                 self.need_flush = true;
             }
             if self.eof {
+                // A held message's start is dropped: its end never came.
                 ready!(w.as_mut().poll_flush(cx)).map_err(werr)?;
-                // Half-close: the other side may still have bytes to send.
-                let _ = ready!(w.as_mut().poll_shutdown(cx));
+                if self.half_close {
+                    // The other side may still have bytes to send.
+                    let _ = ready!(w.as_mut().poll_shutdown(cx));
+                }
                 self.done = true;
                 return Poll::Ready(Ok(()));
             }
         }
     }
+}
+
+/// The server's stream ended after a message of its own that says why
+/// (an ErrorResponse), not cut short or silent.
+pub(crate) fn server_said_why(at_boundary: bool, last_tag: u8) -> bool {
+    at_boundary && last_tag == b'E'
 }
 
 /// A server stream the proxy could not frame.
@@ -269,6 +324,7 @@ where
 {
     let mut up = Pipe::new();
     let mut down = Pipe::new();
+    down.half_close = false;
     let mut scanner = Scanner::new(MAX_CLIENT_MESSAGE);
     // The server's boundaries, so a stop never cuts one of its messages.
     let mut server = Scanner::new(u32::MAX);
@@ -292,7 +348,7 @@ where
                             terminated = true;
                         }
                     })?;
-                    Ok(())
+                    Ok(scanner.partial())
                 };
                 if let Poll::Ready(r) = up.poll_pump(
                     cx,
@@ -310,7 +366,10 @@ where
                     Pin::new(&mut *upstream),
                     Pin::new(&mut *client),
                     Side::Upstream,
-                    |chunk| server.feed(chunk, |_| {}).map_err(server_protocol),
+                    |chunk| {
+                        server.feed(chunk, |_| {}).map_err(server_protocol)?;
+                        Ok(server.partial())
+                    },
                 )
             {
                 r?;
@@ -321,8 +380,8 @@ where
                 return Poll::Ready(Ok(()));
             }
             if stopping {
-                let client_quiet = up.done || (up.drained() && scanner.at_boundary());
-                let client_whole = down.drained() && server.at_boundary();
+                let client_quiet = up.done || up.whole();
+                let client_whole = down.whole();
                 stop.note_client_whole(client_whole);
                 if client_quiet && client_whole {
                     stopped = true;
@@ -339,12 +398,14 @@ where
     })
     .await;
 
+    stop.note_client_whole(down.whole());
     let traffic = Traffic {
         client_to_upstream: up.bytes,
         upstream_to_client: down.bytes,
         client_messages: messages,
     };
-    finish(traffic, result, terminated, up.done, stopped)
+    let said_why = server_said_why(server.at_boundary(), server.last_tag());
+    finish(traffic, result, terminated, up.done, stopped, said_why)
 }
 
 #[cfg(test)]
@@ -367,7 +428,7 @@ mod tests {
                 Pin::new(&mut *from),
                 Pin::new(&mut sink),
                 Side::Upstream,
-                |_| Ok(()),
+                |_| Ok(0),
             )
         })
         .await
@@ -434,42 +495,124 @@ mod tests {
 
     /// A stop finishes the message each side has begun, and begins none:
     /// the client's half-sent Query reaches the server whole and the next
-    /// one not at all; the server's half-sent DataRow reaches the client
-    /// whole and the next one not at all.
+    /// one not at all; the server's half-sent DataRow, too long to hold
+    /// back, reaches the client whole and the next one not at all.
     #[tokio::test]
     async fn stop_waits_for_the_messages_in_flight() {
-        let (mut client, mut proxy_client) = tokio::io::duplex(1024);
-        let (mut proxy_up, mut server) = tokio::io::duplex(1024);
+        let (mut client, mut proxy_client) = tokio::io::duplex(16 * 1024);
+        let (mut proxy_up, mut server) = tokio::io::duplex(16 * 1024);
         let stop = std::sync::Arc::new(Stop::default());
         let task = tokio::spawn({
             let stop = stop.clone();
             async move { forward(&mut proxy_client, &mut proxy_up, &stop).await }
         });
-        let first = msg(b'Q', b"select 1\0");
-        let row = msg(b'D', b"\0\x01\0\0\0\x03abc");
-        client.write_all(&first[..7]).await.unwrap();
-        server.write_all(&row[..6]).await.unwrap();
-        let mut got = vec![0; 7];
+        let long = format!("select '{}'\0", "q".repeat(3000));
+        let first = msg(b'Q', long.as_bytes());
+        let row = msg(b'D', &[&b"\0\x01\0\0\x0b\xb8"[..], &[b'r'; 3000]].concat());
+        client.write_all(&first[..2500]).await.unwrap();
+        server.write_all(&row[..2500]).await.unwrap();
+        let mut got = vec![0; 2500];
         server.read_exact(&mut got).await.unwrap();
-        let mut got = vec![0; 6];
+        let mut got = vec![0; 2500];
         client.read_exact(&mut got).await.unwrap();
 
         stop.request();
-        let mut more = first[7..].to_vec();
+        let mut more = first[2500..].to_vec();
         more.extend(msg(b'Q', b"select 2\0"));
         client.write_all(&more).await.unwrap();
-        let mut more = row[6..].to_vec();
+        let mut more = row[2500..].to_vec();
         more.extend(msg(b'D', b"\0\x01\0\0\0\x03def"));
         server.write_all(&more).await.unwrap();
 
         let (_, ending) = task.await.unwrap().unwrap();
         assert_eq!(ending, Ending::Stopped);
+        assert!(stop.client_whole());
         let mut rest = Vec::new();
         server.read_to_end(&mut rest).await.unwrap();
-        assert_eq!(rest, first[7..], "the server got more than the first Query");
+        assert!(
+            rest == first[2500..],
+            "the server got more than the first Query"
+        );
         let mut rest = Vec::new();
         client.read_to_end(&mut rest).await.unwrap();
-        assert_eq!(rest, row[6..], "the client got more than the first DataRow");
+        assert!(
+            rest == row[2500..],
+            "the client got more than the first DataRow"
+        );
+    }
+
+    /// The start of a short message is held until its end arrives, so a
+    /// side that stops inside one leaves the other between messages: a stop
+    /// is immediate, and neither side gets any of the unfinished message.
+    #[tokio::test]
+    async fn short_unfinished_messages_are_held_back() {
+        let (mut client, mut proxy_client) = tokio::io::duplex(1024);
+        let (mut proxy_up, mut server) = tokio::io::duplex(1024);
+        let stop = Stop::default();
+        let query = msg(b'Q', b"select 1\0");
+        let row = msg(b'D', b"\0\x01\0\0\0\x03abc");
+        let mut sent = row.clone();
+        sent.extend(&row[..6]);
+        server.write_all(&sent).await.unwrap();
+        client.write_all(&query[..7]).await.unwrap();
+        let ending = {
+            let mut pump = std::pin::pin!(forward(&mut proxy_client, &mut proxy_up, &stop));
+            let idle = tokio::time::timeout(std::time::Duration::from_millis(100), &mut pump).await;
+            assert!(idle.is_err(), "the pump ended by itself");
+            stop.request();
+            let (_, ending) = tokio::time::timeout(std::time::Duration::from_secs(5), pump)
+                .await
+                .expect("a stop with only held bytes in flight is immediate")
+                .unwrap();
+            ending
+        };
+        assert_eq!(ending, Ending::Stopped);
+        assert!(stop.client_whole());
+        drop(proxy_client);
+        drop(proxy_up);
+        let mut got = Vec::new();
+        client.read_to_end(&mut got).await.unwrap();
+        assert_eq!(got, row, "the client got part of the second row");
+        let mut got = Vec::new();
+        server.read_to_end(&mut got).await.unwrap();
+        assert!(got.is_empty(), "the server got part of the query: {got:?}");
+    }
+
+    /// A server stream that ends with no ErrorResponse last, inside a
+    /// message or between two, is a lost connection, and the client holds
+    /// whole messages only; one that ends after an ErrorResponse is closed.
+    #[tokio::test]
+    async fn a_server_that_vanishes_is_told_from_one_that_says_why() {
+        let row = msg(b'D', b"\0\x01\0\0\0\x03abc");
+        let fatal = msg(b'E', b"SFATAL\0C57P01\0Mbye\0\0");
+        for (sent, expect, ending) in [
+            (
+                [&row[..], &row[..4]].concat(),
+                row.clone(),
+                Ending::UpstreamLost,
+            ),
+            (row.clone(), row.clone(), Ending::UpstreamLost),
+            (
+                [&row[..], &fatal].concat(),
+                [&row[..], &fatal].concat(),
+                Ending::UpstreamClosed,
+            ),
+        ] {
+            let (mut client, mut proxy_client) = tokio::io::duplex(1024);
+            let (mut proxy_up, mut server) = tokio::io::duplex(1024);
+            let stop = Stop::default();
+            server.write_all(&sent).await.unwrap();
+            drop(server);
+            let (_, got_ending) = forward(&mut proxy_client, &mut proxy_up, &stop)
+                .await
+                .unwrap();
+            assert_eq!(got_ending, ending);
+            assert!(stop.client_whole());
+            drop(proxy_client);
+            let mut got = Vec::new();
+            client.read_to_end(&mut got).await.unwrap();
+            assert_eq!(got, expect);
+        }
     }
 
     /// Between messages on both sides, a stop ends the pump at once.

@@ -581,21 +581,6 @@ async fn sigterm_drains_then_ends_sessions_with_57p01() {
 }
 
 /// A logged-in raw session on the proxy.
-async fn raw_session(port: u16, user: &str) -> tokio::net::TcpStream {
-    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
-        .await
-        .unwrap();
-    s.write_all(&raw::startup_packet(
-        0,
-        &[("user", user), ("database", "mylab")],
-    ))
-    .await
-    .unwrap();
-    let login = raw::read_until_ready(&mut s).await;
-    assert_eq!(login.last().map(|m| m.0), Some(b'Z'), "{login:?}");
-    s
-}
-
 /// Ending a session in the middle of a result: the rows stop at a row's
 /// end and the FATAL follows as a message of its own (before, it was
 /// written wherever the relay stood, inside a row, and the client read
@@ -608,7 +593,7 @@ async fn shutdown_mid_result_ends_between_rows() {
     let mut proxy = Proxy::builder(bed, &home)
         .arg("--max-sigterm-delay", "1s")
         .start();
-    let mut s = raw_session(proxy.addr.port(), "opsmidrow").await;
+    let mut s = raw::login(proxy.addr, "opsmidrow").await;
     // Rows of 997 bytes, so row ends never line up with the relay's reads.
     raw::simple_query_send(
         &mut s,
@@ -650,28 +635,33 @@ async fn shutdown_mid_result_ends_between_rows() {
 }
 
 /// A client that stops inside a message when the proxy ends its session
-/// cannot hold it. Through the inspecting pump (the password guard, on by
-/// default) none of the half message has gone upstream, so the session
-/// ends cleanly; through the plain relay part of it has, so after the
-/// grace the server's side is closed without a Terminate spliced into the
-/// message, and the client, whose side is whole, still gets the FATAL.
+/// cannot hold it. The inspecting pump (the password guard, on by default)
+/// sends the server whole messages only, and the plain relay holds back
+/// the start of a short one, so none of a short half message has gone
+/// upstream and the session ends cleanly. Of a long one the plain relay has
+/// streamed part, so after the grace the server's side is closed without a
+/// Terminate spliced into the message; the client, whose side is whole,
+/// still gets the FATAL.
 #[tokio::test]
 async fn shutdown_with_a_client_stuck_inside_a_message() {
     let Some((bed, home)) = sso_setup("shutdown_stuck_client", "opsstuck") else {
         return;
     };
-    for plain_relay in [false, true] {
+    for (plain_relay, declared, sent) in [(false, 100u32, 3), (true, 100, 3), (true, 10_000, 3_000)]
+    {
         let mut builder = Proxy::builder(bed, &home);
         builder = builder.arg("--max-sigterm-delay", "1s");
         if plain_relay {
             builder = builder.env("RDS_IAM_PROXY_ALLOW_PASSWORD_CHANGES", "true");
         }
         let mut proxy = builder.start();
-        let mut s = raw_session(proxy.addr.port(), "opsstuck").await;
-        // Half a Query: its header says 100 bytes, 3 come.
-        s.write_all(&[b'Q', 0, 0, 0, 100, b's', b'e', b'l'])
-            .await
-            .unwrap();
+        let mut s = raw::login(proxy.addr, "opsstuck").await;
+        // Part of a Query: its header says `declared` bytes, `sent` come.
+        let mut half = vec![b'Q'];
+        half.extend(declared.to_be_bytes());
+        half.extend(std::iter::repeat_n(b's', sent));
+        s.write_all(&half).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(200)).await;
         proxy.signal("TERM");
         let (tag, body) = tokio::time::timeout(DEADLINE, raw::read_message(&mut s))
             .await
@@ -683,8 +673,8 @@ async fn shutdown_with_a_client_stuck_inside_a_message() {
         let log = proxy.log();
         assert_eq!(
             log.contains("session cut by the proxy inside a message"),
-            plain_relay,
-            "{log}"
+            sent > 2048,
+            "plain relay {plain_relay}, {sent} of {declared} bytes:\n{log}"
         );
     }
 }

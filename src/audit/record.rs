@@ -78,6 +78,11 @@ pub fn session_end(
         Ok((t, Ending::ClientTerminated)) => (t, "client", "terminate".to_owned()),
         Ok((t, Ending::ClientClosed)) => (t, "client", "closed without terminate".to_owned()),
         Ok((t, Ending::UpstreamClosed)) => (t, "upstream", "server closed".to_owned()),
+        Ok((t, Ending::UpstreamLost)) => (
+            t,
+            "upstream",
+            "connection to the server lost (no last message from it)".to_owned(),
+        ),
         Ok((t, Ending::Stopped)) => (t, "proxy", "stopped".to_owned()),
         Err((t, e @ ForwardError::Io { side, .. })) => (
             t,

@@ -99,6 +99,11 @@ impl HeaderReader {
         self.have == 0
     }
 
+    /// Header bytes taken so far of a header not yet complete.
+    pub fn have(&self) -> usize {
+        self.have
+    }
+
     /// Header bytes still to come once one has started; 0 between messages.
     pub fn missing(&self) -> usize {
         if self.have == 0 {
@@ -133,6 +138,9 @@ impl HeaderReader {
 pub struct Scanner {
     header: HeaderReader,
     remaining: usize,
+    /// Length (header included) of the message being fed, and its tag.
+    len: usize,
+    tag: u8,
 }
 
 impl Scanner {
@@ -141,7 +149,23 @@ impl Scanner {
         Self {
             header: HeaderReader::new(max_len),
             remaining: 0,
+            len: 0,
+            tag: 0,
         }
+    }
+
+    /// Bytes of the unfinished message fed so far; 0 between messages.
+    pub fn partial(&self) -> usize {
+        if self.remaining > 0 {
+            self.len - self.remaining
+        } else {
+            self.header.have()
+        }
+    }
+
+    /// The tag of the last message whose header was complete (0 before any).
+    pub fn last_tag(&self) -> u8 {
+        self.tag
     }
 
     /// True when the stream is between two messages.
@@ -174,6 +198,8 @@ impl Scanner {
             }
             if let Some(header) = self.header.take(&mut chunk)? {
                 self.remaining = header.body_len();
+                self.len = header.frame_len();
+                self.tag = header.tag;
                 on_header(header);
             }
         }

@@ -220,6 +220,8 @@ pub fn write_parse(out: &mut Vec<u8>, name: &[u8], sql: &str) {
 pub struct Capture {
     header: HeaderReader,
     remaining: usize,
+    /// Length (header included) of the message being fed, and its tag.
+    len: usize,
     tag: u8,
     /// Body bytes still to copy into `body`; `None` when this message is
     /// not wanted.
@@ -233,6 +235,7 @@ impl Capture {
         Self {
             header: HeaderReader::new(max_len),
             remaining: 0,
+            len: 0,
             tag: 0,
             keep: None,
             body: Vec::with_capacity(max_keep),
@@ -249,6 +252,20 @@ impl Capture {
         } else {
             self.header.missing()
         }
+    }
+
+    /// Bytes of the unfinished message fed so far; 0 between messages.
+    pub fn partial(&self) -> usize {
+        if self.remaining > 0 {
+            self.len - self.remaining
+        } else {
+            self.header.have()
+        }
+    }
+
+    /// The tag of the last message whose header was complete (0 before any).
+    pub fn last_tag(&self) -> u8 {
+        self.tag
     }
 
     /// Consumes `chunk`. `wanted(tag)` says how many body bytes to keep
@@ -278,6 +295,7 @@ impl Capture {
             if let Some(header) = self.header.take(&mut chunk)? {
                 self.tag = header.tag;
                 self.remaining = header.body_len();
+                self.len = header.frame_len();
                 self.keep = wanted(header.tag).map(|k| k.min(self.body.capacity()));
                 self.body.clear();
                 if self.remaining == 0 && self.keep.is_some() {

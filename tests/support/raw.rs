@@ -34,6 +34,18 @@ pub async fn read_message<S: AsyncRead + Unpin>(s: &mut S) -> Option<(u8, Vec<u8
     Some((header[0], body))
 }
 
+/// A plaintext session as `user` to database mylab on `addr`, logged in
+/// (up to the first ReadyForQuery).
+pub async fn login(addr: std::net::SocketAddr, user: &str) -> tokio::net::TcpStream {
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(&startup_packet(0, &[("user", user), ("database", "mylab")]))
+        .await
+        .unwrap();
+    let login = read_until_ready(&mut s).await;
+    assert_eq!(login.last().map(|m| m.0), Some(b'Z'), "{login:?}");
+    s
+}
+
 /// Sends a simple Query without reading the answer.
 pub async fn simple_query_send<S: AsyncWrite + Unpin>(s: &mut S, sql: &str) {
     let mut body = sql.as_bytes().to_vec();
