@@ -271,6 +271,9 @@ async fn run(
         let mut tap = crate::audit::tap::wanted(&ctx.audit).then(|| {
             let mut tap = crate::audit::SessionTap::new(id, ctx.audit.clone());
             tap.greeting(&greeting);
+            if ctx.audit.sink.is_some() {
+                tap.name_functions(function_names(&ctx, &ep, &live, &config, &startup, id));
+            }
             tap
         });
         let stop = crate::forward::Stop::default();
@@ -440,6 +443,42 @@ async fn run(
     }
     .instrument(span)
     .await
+}
+
+/// The lookups that name the session's FunctionCalls
+/// ([`crate::audit::functions`]): a task, counted among the connection
+/// tasks, that logs in as the session did (identity check, fresh token)
+/// at the first call.
+fn function_names(
+    ctx: &Arc<AppContext>,
+    ep: &Arc<EndpointContext>,
+    live: &Arc<EndpointTls>,
+    config: &Arc<Config>,
+    startup: &StartupMessage,
+    id: u64,
+) -> crate::audit::functions::Asker {
+    use crate::audit::functions;
+    let (asker, rx) = functions::channel();
+    let mut lookup = startup.clone();
+    lookup.params.retain(|(k, _)| k != "application_name");
+    lookup.params.push((
+        "application_name".to_owned(),
+        functions::LOOKUP_APPLICATION_NAME.to_owned(),
+    ));
+    let (ctx, ep, live, config) = (ctx.clone(), ep.clone(), live.clone(), config.clone());
+    ctx.clone().tasks.spawn(async move {
+        let open = async {
+            match open_session(&ctx, &ep, &live, &config, &lookup, id).await {
+                Ok((upstream, _)) => Ok(upstream.stream),
+                Err(e) => {
+                    warn!(conn = id, error = %e, "function name lookup: login failed");
+                    Err("the lookup connection could not log in (the proxy's log says why)".into())
+                }
+            }
+        };
+        functions::serve(id, rx, open, &ctx.audit).await;
+    });
+    asker
 }
 
 /// Identity check, token, upstream login.

@@ -621,3 +621,62 @@ fn application_name_is_stamped_when_asked() {
     );
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// FunctionCall records name their function. psql's `\lo_import` calls the
+/// large-object functions through libpq's fastpath (FunctionCall, by OID
+/// only); each OID gets one `function` record with the name the server
+/// gives it, looked up on a connection of the proxy's own, so the user's
+/// session holds no statement of the proxy's.
+#[test]
+fn function_calls_are_named() {
+    let Some((bed, home)) = sso_setup("function_calls_are_named", "aud_fn") else {
+        return;
+    };
+    let dir = unique_temp_path("rdsiam-audit");
+    let proxy = audited(bed, &home, "sync", &dir);
+    let file = unique_temp_path("rdsiam-lo");
+    std::fs::write(&file, b"large object bytes").unwrap();
+    let mut psql = proxy.psql("aud_fn", "");
+    psql.arg("-c")
+        .arg(format!("\\lo_import {}", file.display()));
+    let (ok, out, err) = run(&mut psql);
+    assert!(ok, "{out}{err}");
+    let called = |r: &[Value]| -> std::collections::BTreeSet<u64> {
+        r.iter()
+            .filter(|x| x["type"] == "statement" && x["protocol"] == "function")
+            .filter_map(|x| x["function_oid"].as_u64())
+            .collect()
+    };
+    let records = wait_all(&dir, |r| {
+        let oids = called(r);
+        !oids.is_empty()
+            && oids.iter().all(|oid| {
+                r.iter()
+                    .any(|x| x["type"] == "function" && x["function_oid"] == *oid)
+            })
+    });
+    let named: Vec<&Value> = records.iter().filter(|r| r["type"] == "function").collect();
+    assert_eq!(
+        named.len(),
+        called(&records).len(),
+        "one lookup per OID: {named:#?}"
+    );
+    for r in &named {
+        let oid = r["function_oid"].as_u64().unwrap();
+        let server = bed.admin_sql(&format!("select {oid}::regprocedure"));
+        assert_eq!(r["name"].as_str(), Some(server.trim()), "{r}");
+    }
+    let names: Vec<&str> = named.iter().filter_map(|r| r["name"].as_str()).collect();
+    assert!(names.iter().any(|n| n.starts_with("lo_open(")), "{names:?}");
+    assert!(names.iter().any(|n| n.starts_with("lowrite(")), "{names:?}");
+    assert!(
+        !records.iter().any(|r| r["type"] == "statement"
+            && r["text"]
+                .as_str()
+                .is_some_and(|t| t.contains("regprocedure"))),
+        "the lookup ran in the user's session"
+    );
+    let _ = std::fs::remove_file(&file);
+    drop(proxy);
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -10,7 +10,9 @@
 //! 256 bytes, 48 of them beyond), byte-by-byte feeding and a few random
 //! chunkings: the `Scanner` reports the headers the reference walk finds,
 //! fails with the same error at the same frame, and says `at_boundary`
-//! exactly when the stream ends between frames; `Capture` reports each
+//! exactly when the stream ends between frames; `partial` (Scanner and
+//! Capture alike) is the number of bytes of the unfinished frame at the end
+//! and `last_tag` the tag of the last complete header; `Capture` reports each
 //! complete wanted message with the first `min(wanted, max_keep)` bytes of
 //! its body, never more than `max_keep`.
 
@@ -29,6 +31,9 @@ struct Found {
     captured: Vec<(u8, Vec<u8>)>,
     error: Option<FrameError>,
     at_boundary: bool,
+    /// Bytes of the frame the stream ends inside (0 on an error).
+    partial: usize,
+    last_tag: u8,
 }
 
 struct Setup {
@@ -54,6 +59,8 @@ fn reference(stream: &[u8], s: &Setup) -> Found {
         captured: Vec::new(),
         error: None,
         at_boundary: false,
+        partial: 0,
+        last_tag: 0,
     };
     let mut pos = 0usize;
     loop {
@@ -62,18 +69,21 @@ fn reference(stream: &[u8], s: &Setup) -> Found {
             Err(e) => {
                 assert_eq!(split_frame(here, s.max_len), Err(e));
                 f.error = Some(e);
+                f.last_tag = 0;
                 return f;
             }
             Ok(None) => {
                 assert!(here.len() < HEADER_LEN);
                 assert_eq!(split_frame(here, s.max_len), Ok(None));
                 f.at_boundary = here.is_empty();
+                f.partial = here.len();
                 return f;
             }
             Ok(Some(h)) => {
                 assert!(h.len >= 4 && h.len <= s.max_len);
                 assert_eq!(h.frame_len(), h.body_len() + HEADER_LEN);
                 f.headers.push(h);
+                f.last_tag = h.tag;
                 match split_frame(here, s.max_len).expect("header parsed above") {
                     Some((h2, body)) => {
                         assert_eq!(h2, h);
@@ -86,6 +96,7 @@ fn reference(stream: &[u8], s: &Setup) -> Found {
                     None => {
                         // The stream ends inside this frame.
                         assert!(here.len() < h.frame_len());
+                        f.partial = here.len();
                         return f;
                     }
                 }
@@ -124,11 +135,33 @@ fn feed<'a>(chunks: impl Iterator<Item = &'a [u8]> + Clone, s: &Setup) -> Found 
         }
     }
     assert_eq!(error, capture_error, "Scanner and Capture disagree");
+    if error.is_none() {
+        assert_eq!(
+            scanner.partial(),
+            capture.partial(),
+            "partial: Scanner and Capture disagree"
+        );
+        assert_eq!(
+            scanner.last_tag(),
+            capture.last_tag(),
+            "last_tag: Scanner and Capture disagree"
+        );
+    }
     Found {
         headers,
         captured,
         error,
         at_boundary: error.is_none() && scanner.at_boundary(),
+        partial: if error.is_none() {
+            scanner.partial()
+        } else {
+            0
+        },
+        last_tag: if error.is_none() {
+            scanner.last_tag()
+        } else {
+            0
+        },
     }
 }
 

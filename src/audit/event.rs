@@ -203,6 +203,18 @@ pub struct SessionEnd {
     pub reason: String,
 }
 
+/// The name of a function a session called by OID (see
+/// [`crate::audit::functions`]).
+#[derive(Debug, Clone)]
+pub struct FunctionName {
+    pub conn: u64,
+    pub time: SystemTime,
+    pub oid: u32,
+    /// The name with its argument types; `None`: no function has this OID;
+    /// `Err`: the lookup failed, and why.
+    pub result: Result<Option<String>, String>,
+}
+
 /// Everything the audit log records.
 #[derive(Debug, Clone)]
 pub enum Event {
@@ -211,6 +223,7 @@ pub enum Event {
     Statement(Box<Statement>),
     Outcome(Box<Outcome>),
     SessionEnd(Box<SessionEnd>),
+    Function(Box<FunctionName>),
     /// Events lost because the async queue was full (written when the
     /// queue has room again).
     Dropped {

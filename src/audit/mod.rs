@@ -13,6 +13,7 @@
 //! - [`limits`]: the memory and parser threads all sessions share.
 
 pub mod event;
+pub mod functions;
 pub mod limits;
 pub mod model;
 pub mod record;

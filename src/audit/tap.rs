@@ -136,6 +136,8 @@ pub struct SessionTap {
     pub refused: u64,
     /// The guard's parse of a long text, off the event loop.
     job: Option<ParseJob>,
+    /// Where FunctionCall OIDs go to be named (see [`super::functions`]).
+    functions: Option<super::functions::Asker>,
 }
 
 /// The guard's reading of one statement text.
@@ -158,7 +160,13 @@ impl SessionTap {
             no_text: Text::capture(b"", 0),
             refused: 0,
             job: None,
+            functions: None,
         }
+    }
+
+    /// Names the functions of this session's FunctionCalls through `asker`.
+    pub fn name_functions(&mut self, asker: super::functions::Asker) {
+        self.functions = Some(asker);
     }
 
     pub fn auditor(&self) -> &Arc<Auditor> {
@@ -524,6 +532,9 @@ impl SessionTap {
                 let mut st = self.statement(Protocol::Function, Text::capture(b"", cap));
                 if let Ok((oid, args)) = messages::function_call_args(body) {
                     st.function_oid = Some(oid);
+                    if let Some(asker) = &mut self.functions {
+                        asker.ask(oid);
+                    }
                     st.params = self.params(&args, complete);
                 }
                 let n = st.n;

@@ -644,6 +644,20 @@ impl Writer {
                     .str("closed_by", e.closed_by)
                     .str("reason", &e.reason);
             }),
+            Event::Function(f) => self.record("function", f.time, |o| {
+                o.num("conn", f.conn).num("function_oid", f.oid);
+                match &f.result {
+                    Ok(Some(name)) => {
+                        o.str("name", name);
+                    }
+                    Ok(None) => {
+                        o.str("error", "no function has this OID");
+                    }
+                    Err(e) => {
+                        o.str("error", e);
+                    }
+                }
+            }),
             Event::Dropped { time, count } => self.record("dropped", *time, |o| {
                 o.num("count", count);
             }),
