@@ -21,6 +21,13 @@ pub fn mentions_password(text: &[u8]) -> bool {
     })
 }
 
+/// True if `text` may hold a secret value: it mentions a password, or a
+/// URI (whose user information may carry one, as in
+/// `postgresql://user:secret@host`).
+fn mentions_secret(text: &[u8]) -> bool {
+    mentions_password(text) || memchr::memmem::find(text, b"://").is_some()
+}
+
 /// True if any statement in `text` sets a role's password: CREATE/ALTER
 /// ROLE, USER or GROUP with a PASSWORD option (ENCRYPTED or not, NULL
 /// included).
@@ -115,7 +122,8 @@ pub const WITHHELD: &str = "<withheld: mentions a password and could not be read
 /// grammar reads as a password: the string after the PASSWORD keyword
 /// (CREATE/ALTER ROLE, USER, GROUP; `OPTIONS (password '...')` of user
 /// mappings, servers and wrappers), the value of `password=` in a
-/// connection-string literal (dblink, subscriptions), and the same inside
+/// connection-string literal (dblink, subscriptions) and the password of a
+/// `postgresql://` or `postgres://` URI's user information, and the same inside
 /// a string that holds SQL (a DO block or a function body, an EXECUTE
 /// argument), read again as SQL. Text that mentions a password and that
 /// PostgreSQL's lexer cannot read is withheld whole.
@@ -127,7 +135,7 @@ pub fn redact(text: &[u8]) -> Shown<'_> {
 /// text differently: standard_conforming_strings off, or an encoding such
 /// as SJIS) withholds any text that mentions a password.
 pub fn redact_as(text: &[u8], judgeable: bool) -> Shown<'_> {
-    if !mentions_password(text) {
+    if !mentions_secret(text) {
         return Shown::Plain(text);
     }
     if !judgeable {
@@ -141,13 +149,18 @@ pub fn redact_as(text: &[u8], judgeable: bool) -> Shown<'_> {
     }
 }
 
-/// A parameter value (not SQL): withheld when it mentions a password.
+/// A parameter value (not SQL): withheld when it mentions a password;
+/// a connection URI's password redacted.
 pub fn redact_value(v: &[u8]) -> Shown<'_> {
     if mentions_password(v) {
-        Shown::Redacted(Cow::Borrowed(REDACTED))
-    } else {
-        Shown::Plain(v)
+        return Shown::Redacted(Cow::Borrowed(REDACTED));
     }
+    if memchr::memmem::find(v, b"://").is_some()
+        && let Some(out) = redact_uri(&String::from_utf8_lossy(v))
+    {
+        return Shown::Redacted(Cow::Owned(out));
+    }
+    Shown::Plain(v)
 }
 
 /// How deep strings holding SQL are read again (a DO block holding an
@@ -180,7 +193,7 @@ fn redact_sql(sql: &str, depth: u32) -> Option<String> {
         }
         let replacement = if after_keyword {
             Some(format!("'{REDACTED}'"))
-        } else if mentions_password(literal.as_bytes()) {
+        } else if mentions_secret(literal.as_bytes()) {
             redact_literal(literal, depth)
         } else {
             None
@@ -215,7 +228,8 @@ fn redact_literal(literal: &str, depth: u32) -> Option<String> {
     } else {
         Cow::Borrowed(body)
     };
-    let mut changed = redact_conninfo(&inner);
+    let conninfo = redact_conninfo(&inner);
+    let mut changed = redact_uri(conninfo.as_deref().unwrap_or(&inner)).or(conninfo);
     if depth < MAX_DEPTH
         && let Some(sql) = redact_sql(changed.as_deref().unwrap_or(&inner), depth + 1)
         && sql != changed.as_deref().unwrap_or(&inner)
@@ -229,6 +243,46 @@ fn redact_literal(literal: &str, depth: u32) -> Option<String> {
         new
     };
     Some(format!("{open}{new}{close}"))
+}
+
+/// The password in the user information of each `postgresql://` or
+/// `postgres://` URI in `s` (libpq's connection URIs:
+/// `postgresql://user:PASSWORD@host/db`) redacted; `None` when there is
+/// none. The user information ends at the last `@` before the next `/`;
+/// its password after its first `:`.
+fn redact_uri(s: &str) -> Option<String> {
+    let lower = s.to_ascii_lowercase();
+    let mut out = String::new();
+    let mut copied = 0;
+    let mut from = 0;
+    while let Some(i) = lower[from..].find("://") {
+        let colon_slash = from + i;
+        from = colon_slash + 3;
+        if !(lower[..colon_slash].ends_with("postgresql")
+            || lower[..colon_slash].ends_with("postgres"))
+        {
+            continue;
+        }
+        // As libpq reads it: the user information runs to the last `@`
+        // before the next `/` (a password may hold `?`, `#`, quotes or
+        // spaces; more is redacted rather than less).
+        let authority_end = s[from..].find('/').map_or(s.len(), |e| from + e);
+        let Some(at) = s[from..authority_end].rfind('@').map(|a| from + a) else {
+            continue;
+        };
+        let Some(colon) = s[from..at].find(':').map(|c| from + c) else {
+            continue;
+        };
+        out.push_str(&s[copied..colon + 1]);
+        out.push_str(REDACTED);
+        copied = at;
+        from = authority_end;
+    }
+    if copied == 0 {
+        return None;
+    }
+    out.push_str(&s[copied..]);
+    Some(out)
 }
 
 /// `password=VALUE` pairs of a libpq connection string (VALUE bare or
@@ -401,6 +455,8 @@ mod tests {
             "DO $$BEGIN /* password */ PERFORM 1; END$$",
             "select 'forgot your password?' as hint",
             "create table t (password text)",
+            "select 'postgresql://app@db/x', 'https://u:p@example.com/' -- no password here",
+            "select 'postgresql://db:5432/x' as uri",
         ] {
             assert_eq!(shown(sql), sql);
             assert!(!redact(sql.as_bytes()).is_redacted(), "{sql}");
@@ -431,6 +487,18 @@ mod tests {
                 "CREATE SUBSCRIPTION s CONNECTION 'password = <redacted> host=h' PUBLICATION p",
             ),
             (
+                "select dblink_connect('postgresql://app:hunter2@db.example:5432/x?sslmode=require')",
+                "select dblink_connect('postgresql://app:<redacted>@db.example:5432/x?sslmode=require')",
+            ),
+            (
+                "CREATE SUBSCRIPTION s CONNECTION 'POSTGRES://u:p%40ss:w@h1,h2/db' PUBLICATION p",
+                "CREATE SUBSCRIPTION s CONNECTION 'POSTGRES://u:<redacted>@h1,h2/db' PUBLICATION p",
+            ),
+            (
+                "DO $$BEGIN PERFORM dblink_connect('postgres://a:b@h'); END$$",
+                "DO $$BEGIN PERFORM dblink_connect('postgres://a:<redacted>@h'); END$$",
+            ),
+            (
                 "DO $$BEGIN EXECUTE 'ALTER USER a PASSWORD ''x'''; END$$ -- keep",
                 "DO $$BEGIN EXECUTE 'ALTER USER a PASSWORD ''<redacted>'''; END$$ -- keep",
             ),
@@ -448,6 +516,19 @@ mod tests {
         assert_eq!(
             std::str::from_utf8(redact_value(b"my password is x").as_ref()).unwrap(),
             REDACTED
+        );
+        assert_eq!(
+            std::str::from_utf8(redact_value(b"postgresql://u:pw@h/db").as_ref()).unwrap(),
+            "postgresql://u:<redacted>@h/db"
+        );
+        assert!(!redact_value(b"postgresql://u@h/db").is_redacted());
+        // Idempotent: the marker holds no ':' or '@'.
+        let once = shown("select dblink_connect('postgres://a:b@c@h/x')");
+        assert_eq!(once, "select dblink_connect('postgres://a:<redacted>@h/x')");
+        assert_eq!(shown(&once), once);
+        assert_eq!(
+            shown("select dblink_connect('postgresql://u:it''s?#x@h/db')"),
+            "select dblink_connect('postgresql://u:<redacted>@h/db')"
         );
     }
 
