@@ -24,6 +24,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
+use support::audit::records;
 use support::bed::{Bed, sso_setup, unique_temp_path};
 use support::proxy::Proxy;
 use support::raw;
@@ -322,24 +323,6 @@ fn audit_view(records: &[Value], conn: u64) -> Vec<Logged> {
         }
     }
     out
-}
-
-fn records(dir: &Path) -> Vec<Value> {
-    let mut files: Vec<_> = std::fs::read_dir(dir)
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .collect();
-    files.sort();
-    files
-        .iter()
-        .flat_map(|f| {
-            std::fs::read_to_string(f)
-                .unwrap()
-                .lines()
-                .map(|l| serde_json::from_str::<Value>(l).unwrap())
-                .collect::<Vec<_>>()
-        })
-        .collect()
 }
 
 fn superuser_sql(bed: &Bed, sql: &str) {

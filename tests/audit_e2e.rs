@@ -9,6 +9,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
+use support::audit::records;
 use support::bed::{AwsHome, Bed, sso_setup, unique_temp_path};
 use support::proxy::{Proxy, clean_pg_env, run};
 
@@ -23,22 +24,6 @@ fn audited(bed: &Bed, home: &AwsHome, mode: &str, dir: &Path) -> Proxy {
         .arg("--audit-mode", mode)
         .arg("--audit-dir", dir)
         .start()
-}
-
-/// Every record in the directory's files, oldest first.
-fn records(dir: &Path) -> Vec<Value> {
-    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .collect();
-    files.sort();
-    let mut out = Vec::new();
-    for f in files {
-        for line in std::fs::read_to_string(f).unwrap().lines() {
-            out.push(serde_json::from_str(line).expect("each line is JSON"));
-        }
-    }
-    out
 }
 
 /// Waits for a record matching `pred` (async mode writes in the background).

@@ -9,10 +9,11 @@
 mod support;
 
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
+use support::audit::records;
 use support::bed::{AwsHome, Bed, sso_setup, unique_temp_path};
 use support::fault::{Dir, Fault, Relay};
 use support::proxy::{Proxy, ProxyBuilder};
@@ -93,25 +94,6 @@ fn no_descriptor_kept(proxy: &Proxy, baseline: usize) {
         );
         std::thread::sleep(Duration::from_millis(50));
     }
-}
-
-/// Every audit record, oldest first.
-fn records(dir: &Path) -> Vec<Value> {
-    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .collect();
-    files.sort();
-    files
-        .iter()
-        .flat_map(|f| {
-            std::fs::read_to_string(f)
-                .unwrap()
-                .lines()
-                .map(|l| serde_json::from_str(l).unwrap())
-                .collect::<Vec<Value>>()
-        })
-        .collect()
 }
 
 /// The sync audit trail of the session that sent `sql`: it is recorded as

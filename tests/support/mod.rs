@@ -1,5 +1,6 @@
 //! Shared helpers for the integration tests.
 
+pub mod audit;
 pub mod bed;
 pub mod fault;
 pub mod proxy;
