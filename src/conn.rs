@@ -339,7 +339,10 @@ async fn run(
                         side: Side::Upstream,
                         ..
                     },
-                )) => Some(crate::error::upstream_lost()),
+                )) => {
+                    ctx.metrics.upstream_lost();
+                    Some(crate::error::upstream_lost())
+                }
                 _ => None,
             };
             let last_word = last_word.filter(|_| stop.client_whole());

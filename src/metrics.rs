@@ -33,6 +33,7 @@ pub struct Metrics {
     auth_failures: Labelled,
     identity_failures: Labelled,
     tokens_signed: AtomicU64,
+    upstream_lost: AtomicU64,
     credential_refreshes: AtomicU64,
     /// Unix seconds; 0 while unknown or not expiring.
     credential_expiry: AtomicI64,
@@ -97,6 +98,12 @@ impl Metrics {
 
     pub fn token_signed(&self) {
         self.tokens_signed.fetch_add(1, Relaxed);
+    }
+
+    /// A session whose connection to the server was lost (reset, or closed
+    /// with no message of the server's).
+    pub fn upstream_lost(&self) {
+        self.upstream_lost.fetch_add(1, Relaxed);
     }
 
     /// Hook: credentials were refreshed; `expiry` is when the new ones end.
@@ -209,6 +216,12 @@ impl Metrics {
             &format!("{p}_tokens_signed_total"),
             "IAM authentication tokens signed.",
             self.tokens_signed.load(Relaxed),
+        );
+        counter(
+            &mut s,
+            &format!("{p}_sessions_upstream_lost_total"),
+            "Sessions whose connection to the server was lost (reset, or closed with no message of the server's).",
+            self.upstream_lost.load(Relaxed),
         );
         counter(
             &mut s,
