@@ -85,7 +85,7 @@ impl ConnError {
                 HandshakeError::ClientGone | HandshakeError::Io(_) | HandshakeError::Tls(_) => return None,
                 HandshakeError::PlaintextRefused => fatal(
                     INVALID_AUTHORIZATION,
-                    "this proxy listener accepts only TLS connections",
+                    "this proxy accepts only TLS connections, except over loopback",
                     Some("connect with sslmode=require, or sslmode=verify-full with the proxy's CA as sslrootcert".into()),
                 ),
                 HandshakeError::DirectTlsWithoutAlpn => fatal(

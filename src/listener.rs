@@ -127,7 +127,12 @@ impl Listener {
             Listener::Tcp(l) => {
                 let (tcp, addr) = l.accept().await?;
                 let _ = tcp.set_nodelay(true);
-                let local_addr = l.local_addr()?;
+                // Judged by this connection's own addresses, not by the
+                // listener's: a wildcard listener reached through 127.0.0.1
+                // (or ::ffff:127.0.0.1 on a dual-stack one) is a local
+                // connection, and gets the local-user check.
+                let canonical = |a: SocketAddr| SocketAddr::new(a.ip().to_canonical(), a.port());
+                let (addr, local_addr) = (canonical(addr), canonical(tcp.local_addr()?));
                 let local = local_addr.ip().is_loopback();
                 Ok((
                     Socket::Tcp(tcp),

@@ -470,6 +470,48 @@ fn another_local_os_user_is_refused_on_loopback_tcp_and_unix_socket() {
     assert_eq!(out.trim(), "petra");
 }
 
+/// A wildcard listener reached through loopback is a local connection:
+/// another local OS user is refused there too, over TLS as over plaintext.
+/// (Before, "local" was judged from the listener's address, so `--listen
+/// 0.0.0.0:5432` served any local user as the proxy's person over TLS.)
+/// The dual-stack `[::]` listener sees 127.0.0.1 as ::ffff:127.0.0.1.
+#[test]
+fn a_wildcard_listener_checks_local_users_too() {
+    let Some(bed) = Bed::shared("a_wildcard_listener_checks_local_users_too") else {
+        return;
+    };
+    bed.create_iam_user("wilma");
+    let home = AwsHome::sso(bed, "wilma", "DatabaseAdmin");
+    for wildcard in ["0.0.0.0:0", "[::]:0"] {
+        let proxy = Proxy::builder(bed, &home).arg("--listen", wildcard).start();
+        let before = bed.verifier_lines_for("wilma");
+        for sslmode in ["require", "disable"] {
+            let mut cmd = Command::new("runuser");
+            clean_pg_env(&mut cmd);
+            let conninfo = format!(
+                "host=127.0.0.1 port={} user=wilma dbname=mylab sslmode={sslmode}",
+                proxy.addr.port()
+            );
+            cmd.args(["-u", "nobody", "--", "psql", &conninfo, "-X", "-A", "-t"])
+                .args(SELECT_USER)
+                .current_dir("/")
+                .env("PGCONNECT_TIMEOUT", "20");
+            let (ok, out, err) = run(&mut cmd);
+            assert!(!ok, "{wildcard} {sslmode}: served nobody: {out}");
+            assert!(
+                err.contains("local OS user \"nobody\" (uid 65534) may not use this proxy"),
+                "{wildcard} {sslmode}: {err}\n{}",
+                proxy.log()
+            );
+        }
+        assert_eq!(bed.verifier_lines_for("wilma"), before, "a token was used");
+        // The proxy's own user still gets through.
+        let (ok, out, err) = run(proxy.psql("wilma", "").args(SELECT_USER));
+        assert!(ok, "{wildcard}: {err}");
+        assert_eq!(out.trim(), "wilma");
+    }
+}
+
 /// A local user who writes a StartupMessage and a statement, then closes,
 /// leaves a socket the kernel reports as uid 0's. The proxy runs as root
 /// here, so judging the peer from what is left after the close let the

@@ -382,10 +382,48 @@ fn large_result_streams_with_flat_memory() {
     );
 }
 
+/// A non-loopback address of this host for a test to connect through:
+/// added to `lo`, so only inside a private network namespace (only `lo`
+/// in it, as scripts/test.sh runs the tests); `None` elsewhere.
+fn non_loopback_address() -> Option<&'static str> {
+    const ADDR: &str = "10.99.0.1";
+    // Asked over netlink: /sys/class/net shows the namespace that mounted it.
+    let out = std::process::Command::new("ip")
+        .args(["-o", "link", "show"])
+        .output()
+        .ok()?;
+    let links: Vec<String> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| {
+            l.split(": ")
+                .nth(1)
+                .map(|n| n.split('@').next().unwrap_or(n).to_owned())
+        })
+        .collect();
+    if links != ["lo"] {
+        eprintln!("SKIPPED: needs a private network namespace (found links {links:?})");
+        return None;
+    }
+    // "File exists" when another test added it first.
+    let _ = std::process::Command::new("ip")
+        .args(["addr", "add", &format!("{ADDR}/32"), "dev", "lo"])
+        .stderr(std::process::Stdio::null())
+        .status();
+    Some(ADDR)
+}
+
+/// A connection that is not local (it reached the proxy at a non-loopback
+/// address of the host) must use TLS; the same wildcard listener reached
+/// through loopback is a local connection, where plaintext is allowed.
 #[tokio::test]
-async fn plaintext_is_refused_on_a_non_loopback_listener() {
-    let Some((bed, home)) = sso_setup("plaintext_is_refused_on_a_non_loopback_listener", "arianna")
-    else {
+async fn plaintext_is_refused_on_a_non_loopback_connection() {
+    let Some((bed, home)) = sso_setup(
+        "plaintext_is_refused_on_a_non_loopback_connection",
+        "arianna",
+    ) else {
+        return;
+    };
+    let Some(remote) = non_loopback_address() else {
         return;
     };
     let proxy = Proxy::builder(bed, &home)
@@ -393,15 +431,29 @@ async fn plaintext_is_refused_on_a_non_loopback_listener() {
         .start();
     let port = proxy.addr.port();
     let (ok, _, err) = run(proxy
-        .psql("arianna", &format!("port={port} sslmode=disable"))
+        .psql(
+            "arianna",
+            &format!("host={remote} port={port} sslmode=disable"),
+        )
         .args(["-c", "select 1"]));
     assert!(!ok);
     assert!(err.contains("accepts only TLS connections"), "{err}");
     let (ok, out, err) = run(proxy
-        .psql("arianna", &format!("port={port} sslmode=require"))
+        .psql(
+            "arianna",
+            &format!("host={remote} port={port} sslmode=require"),
+        )
         .args(["-c", "select 7"]));
     assert!(ok, "{err}");
     assert_eq!(out.trim(), "7");
+    let (ok, out, err) = run(proxy
+        .psql(
+            "arianna",
+            &format!("host=127.0.0.1 port={port} sslmode=disable"),
+        )
+        .args(["-c", "select 8"]));
+    assert!(ok, "{err}");
+    assert_eq!(out.trim(), "8");
 }
 
 #[tokio::test]
