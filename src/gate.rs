@@ -453,7 +453,7 @@ where
             let stopping = stop.requested();
             if stopping {
                 up.stopping = true;
-                down.cap = Some(capture.to_boundary());
+                down.cap = Some(capture.scanner().to_boundary());
             }
             let before = (up.bytes, down.bytes, up.done);
             if !up.done
@@ -469,7 +469,7 @@ where
                     capture
                         .feed(chunk, server_wanted, |t, b| tap.server_message(t, b))
                         .map_err(server_protocol)?;
-                    Ok(capture.partial())
+                    Ok(capture.scanner().partial())
                 };
                 if let Poll::Ready(r) = down.poll_pump(
                     cx,
@@ -512,7 +512,10 @@ where
         upstream_to_client: down.bytes,
         client_messages: up.messages,
     };
-    let said_why = crate::forward::server_said_why(capture.to_boundary() == 0, capture.last_tag());
+    let said_why = crate::forward::server_said_why(
+        capture.scanner().to_boundary() == 0,
+        capture.scanner().last_tag(),
+    );
     crate::forward::finish(traffic, result, up.terminated, up.done, stopped, said_why)
 }
 

@@ -400,12 +400,13 @@ fn saml_assertions_that_cannot_be_used_are_refused_with_the_reason() {
     let _ = std::fs::remove_file(&file);
 }
 
-/// psql as the unprivileged `nobody`, over loopback TCP without TLS (it
-/// cannot read the proxy's CA file) or over a unix socket directory.
-fn psql_as_nobody(host: &str, port: u16, user: &str) -> (bool, String, String) {
+/// psql as the unprivileged `nobody`, over loopback TCP or a unix socket
+/// directory, with `sslmode` (at most `require`: nobody cannot read the
+/// proxy's CA file).
+fn psql_as_nobody(host: &str, port: u16, user: &str, sslmode: &str) -> (bool, String, String) {
     let mut cmd = Command::new("runuser");
     clean_pg_env(&mut cmd);
-    let conninfo = format!("host={host} port={port} user={user} dbname=mylab sslmode=disable");
+    let conninfo = format!("host={host} port={port} user={user} dbname=mylab sslmode={sslmode}");
     cmd.args(["-u", "nobody", "--", "psql", &conninfo, "-X", "-A", "-t"])
         .args(SELECT_USER)
         .current_dir("/")
@@ -430,7 +431,7 @@ fn another_local_os_user_is_refused_on_loopback_tcp_and_unix_socket() {
     assert_eq!((mode(&dir), mode(&socket)), (0o700, 0o600));
     let before = bed.verifier_lines_for("petra");
 
-    let (ok, _, err) = psql_as_nobody("127.0.0.1", proxy.addr.port(), "petra");
+    let (ok, _, err) = psql_as_nobody("127.0.0.1", proxy.addr.port(), "petra", "disable");
     assert!(!ok);
     assert!(
         err.contains("rds-iam-proxy refused this local connection: local OS user \"nobody\" (uid 65534) may not use this proxy")
@@ -440,11 +441,11 @@ fn another_local_os_user_is_refused_on_loopback_tcp_and_unix_socket() {
     );
     // The file modes keep others out; past them (an operator widened them),
     // SO_PEERCRED still does.
-    let (ok, _, err) = psql_as_nobody(dir.to_str().unwrap(), 5432, "petra");
+    let (ok, _, err) = psql_as_nobody(dir.to_str().unwrap(), 5432, "petra", "disable");
     assert!(!ok && err.contains("Permission denied"), "{err}");
     std::fs::set_permissions(&dir, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
     std::fs::set_permissions(&socket, std::os::unix::fs::PermissionsExt::from_mode(0o666)).unwrap();
-    let (ok, _, err) = psql_as_nobody(dir.to_str().unwrap(), 5432, "petra");
+    let (ok, _, err) = psql_as_nobody(dir.to_str().unwrap(), 5432, "petra", "disable");
     assert!(!ok);
     assert!(
         err.contains("local OS user \"nobody\" (uid 65534) may not use this proxy"),
@@ -465,7 +466,7 @@ fn another_local_os_user_is_refused_on_loopback_tcp_and_unix_socket() {
     let proxy = Proxy::builder(bed, &home)
         .arg("--allow-local-user", "nobody")
         .start();
-    let (ok, out, err) = psql_as_nobody("127.0.0.1", proxy.addr.port(), "petra");
+    let (ok, out, err) = psql_as_nobody("127.0.0.1", proxy.addr.port(), "petra", "disable");
     assert!(ok, "{err}\n{}", proxy.log());
     assert_eq!(out.trim(), "petra");
 }
@@ -486,17 +487,7 @@ fn a_wildcard_listener_checks_local_users_too() {
         let proxy = Proxy::builder(bed, &home).arg("--listen", wildcard).start();
         let before = bed.verifier_lines_for("wilma");
         for sslmode in ["require", "disable"] {
-            let mut cmd = Command::new("runuser");
-            clean_pg_env(&mut cmd);
-            let conninfo = format!(
-                "host=127.0.0.1 port={} user=wilma dbname=mylab sslmode={sslmode}",
-                proxy.addr.port()
-            );
-            cmd.args(["-u", "nobody", "--", "psql", &conninfo, "-X", "-A", "-t"])
-                .args(SELECT_USER)
-                .current_dir("/")
-                .env("PGCONNECT_TIMEOUT", "20");
-            let (ok, out, err) = run(&mut cmd);
+            let (ok, out, err) = psql_as_nobody("127.0.0.1", proxy.addr.port(), "wilma", sslmode);
             assert!(!ok, "{wildcard} {sslmode}: served nobody: {out}");
             assert!(
                 err.contains("local OS user \"nobody\" (uid 65534) may not use this proxy"),

@@ -138,12 +138,12 @@ fn feed<'a>(chunks: impl Iterator<Item = &'a [u8]> + Clone, s: &Setup) -> Found 
     if error.is_none() {
         assert_eq!(
             scanner.partial(),
-            capture.partial(),
+            capture.scanner().partial(),
             "partial: Scanner and Capture disagree"
         );
         assert_eq!(
             scanner.last_tag(),
-            capture.last_tag(),
+            capture.scanner().last_tag(),
             "last_tag: Scanner and Capture disagree"
         );
     }

@@ -191,19 +191,39 @@ impl Scanner {
     ) -> Result<(), FrameError> {
         while !chunk.is_empty() {
             if self.remaining > 0 {
-                let skip = self.remaining.min(chunk.len());
-                self.remaining -= skip;
-                chunk = &chunk[skip..];
-                continue;
-            }
-            if let Some(header) = self.header.take(&mut chunk)? {
-                self.remaining = header.body_len();
-                self.len = header.frame_len();
-                self.tag = header.tag;
+                let n = self.take_body(chunk.len());
+                chunk = &chunk[n..];
+            } else if let Some(header) = self.take_header(&mut chunk)? {
                 on_header(header);
             }
         }
         Ok(())
+    }
+
+    /// Between bodies: takes header bytes from the front of `chunk`
+    /// (advancing it) and, once the header is whole, starts its message
+    /// and returns the header.
+    pub(crate) fn take_header(&mut self, chunk: &mut &[u8]) -> Result<Option<Header>, FrameError> {
+        debug_assert_eq!(self.remaining, 0);
+        let header = self.header.take(chunk)?;
+        if let Some(h) = header {
+            self.remaining = h.body_len();
+            self.len = h.frame_len();
+            self.tag = h.tag;
+        }
+        Ok(header)
+    }
+
+    /// Takes up to `available` bytes of the current body; returns how many.
+    pub(crate) fn take_body(&mut self, available: usize) -> usize {
+        let n = self.remaining.min(available);
+        self.remaining -= n;
+        n
+    }
+
+    /// Body bytes of the current message still to come.
+    pub(crate) fn remaining(&self) -> usize {
+        self.remaining
     }
 }
 

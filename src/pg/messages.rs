@@ -6,7 +6,7 @@
 
 use thiserror::Error;
 
-use crate::pg::frame::{FrameError, HeaderReader};
+use crate::pg::frame::{FrameError, Scanner};
 
 /// A message body that ends early or lacks a terminator.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Error)]
@@ -213,16 +213,12 @@ pub fn write_parse(out: &mut Vec<u8>, name: &[u8], sql: &str) {
     out.extend_from_slice(&[0, 0]);
 }
 
-/// Follows message boundaries like [`crate::pg::frame::Scanner`] and also
-/// keeps the first bytes of the bodies of chosen message types, in one
-/// buffer reused for the whole stream.
+/// Follows message boundaries like [`Scanner`] (whose position it keeps:
+/// see [`Capture::scanner`]) and also keeps the first bytes of the bodies
+/// of chosen message types, in one buffer reused for the whole stream.
 #[derive(Debug, Clone)]
 pub struct Capture {
-    header: HeaderReader,
-    remaining: usize,
-    /// Length (header included) of the message being fed, and its tag.
-    len: usize,
-    tag: u8,
+    scanner: Scanner,
     /// Body bytes still to copy into `body`; `None` when this message is
     /// not wanted.
     keep: Option<usize>,
@@ -233,39 +229,15 @@ impl Capture {
     /// Capture never keeps more than `max_keep` bytes of a body.
     pub fn new(max_len: u32, max_keep: usize) -> Self {
         Self {
-            header: HeaderReader::new(max_len),
-            remaining: 0,
-            len: 0,
-            tag: 0,
+            scanner: Scanner::new(max_len),
             keep: None,
             body: Vec::with_capacity(max_keep),
         }
     }
 
-    /// Most bytes that can be read without passing the end of the current
-    /// message; 0 between messages (see [`Scanner::to_boundary`]).
-    ///
-    /// [`Scanner::to_boundary`]: crate::pg::frame::Scanner::to_boundary
-    pub fn to_boundary(&self) -> usize {
-        if self.remaining > 0 {
-            self.remaining
-        } else {
-            self.header.missing()
-        }
-    }
-
-    /// Bytes of the unfinished message fed so far; 0 between messages.
-    pub fn partial(&self) -> usize {
-        if self.remaining > 0 {
-            self.len - self.remaining
-        } else {
-            self.header.have()
-        }
-    }
-
-    /// The tag of the last message whose header was complete (0 before any).
-    pub fn last_tag(&self) -> u8 {
-        self.tag
+    /// Where the stream stands (boundary, unfinished message, last tag).
+    pub fn scanner(&self) -> &Scanner {
+        &self.scanner
     }
 
     /// Consumes `chunk`. `wanted(tag)` says how many body bytes to keep
@@ -278,28 +250,24 @@ impl Capture {
         mut on_message: impl FnMut(u8, &[u8]),
     ) -> Result<(), FrameError> {
         while !chunk.is_empty() {
-            if self.remaining > 0 {
-                let take = self.remaining.min(chunk.len());
+            if self.scanner.remaining() > 0 {
+                let take = self.scanner.take_body(chunk.len());
                 if let Some(keep) = self.keep {
                     let k = keep.min(take);
                     self.body.extend_from_slice(&chunk[..k]);
                     self.keep = Some(keep - k);
                 }
-                self.remaining -= take;
                 chunk = &chunk[take..];
-                if self.remaining == 0 && self.keep.is_some() {
-                    on_message(self.tag, &self.body);
+                if self.scanner.remaining() == 0 && self.keep.is_some() {
+                    on_message(self.scanner.last_tag(), &self.body);
                 }
                 continue;
             }
-            if let Some(header) = self.header.take(&mut chunk)? {
-                self.tag = header.tag;
-                self.remaining = header.body_len();
-                self.len = header.frame_len();
+            if let Some(header) = self.scanner.take_header(&mut chunk)? {
                 self.keep = wanted(header.tag).map(|k| k.min(self.body.capacity()));
                 self.body.clear();
-                if self.remaining == 0 && self.keep.is_some() {
-                    on_message(self.tag, &[]);
+                if header.body_len() == 0 && self.keep.is_some() {
+                    on_message(header.tag, &[]);
                 }
             }
         }

@@ -10,7 +10,6 @@
 #![allow(dead_code)] // each test binary uses a different part of this module
 
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -57,7 +56,6 @@ struct Armed {
 pub struct Relay {
     pub addr: SocketAddr,
     faults: [watch::Sender<Armed>; 2],
-    accepted: Arc<Mutex<u64>>,
 }
 
 impl Relay {
@@ -71,11 +69,8 @@ impl Relay {
         };
         let faults = [watch::channel(pass).0, watch::channel(pass).0];
         let watchers = [faults[0].subscribe(), faults[1].subscribe()];
-        let accepted = Arc::new(Mutex::new(0));
-        let count = accepted.clone();
         tokio::spawn(async move {
             while let Ok((inbound, _)) = listener.accept().await {
-                *count.lock().unwrap() += 1;
                 let watchers = watchers.clone();
                 tokio::spawn(async move {
                     let Ok(outbound) = TcpStream::connect(to).await else {
@@ -85,11 +80,7 @@ impl Relay {
                 });
             }
         });
-        Relay {
-            addr,
-            faults,
-            accepted,
-        }
+        Relay { addr, faults }
     }
 
     /// Applies `fault` to `dir` from now on.
@@ -98,11 +89,6 @@ impl Relay {
             a.fault = fault;
             a.generation += 1;
         });
-    }
-
-    /// Connections accepted so far.
-    pub fn accepted(&self) -> u64 {
-        *self.accepted.lock().unwrap()
     }
 }
 
