@@ -435,29 +435,57 @@ pub enum LogFormat {
 
 /// Parses `500ms`, `30s`, `5m`, `1h` or a bare number of seconds.
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    // Far beyond any timeout, and what a deadline `now + d` can hold.
+    const MAX_SECS: u64 = 100 * 365 * 24 * 3600;
+    let too_long = || format!("{:?} is too long a duration (at most 100 years)", s.trim());
     let s = s.trim();
     let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
     let (num, unit) = s.split_at(split);
     let n: u64 = num
         .parse()
         .map_err(|_| format!("{s:?} is not a duration such as 500ms, 30s, 5m or 1h"))?;
-    Ok(match unit {
-        "ms" => Duration::from_millis(n),
-        "" | "s" => Duration::from_secs(n),
-        "m" => Duration::from_secs(n * 60),
-        "h" => Duration::from_secs(n * 3600),
+    if unit == "ms" && n / 1000 > MAX_SECS {
+        return Err(too_long());
+    }
+    let per_unit = match unit {
+        "ms" => return Ok(Duration::from_millis(n)),
+        "" | "s" => 1,
+        "m" => 60,
+        "h" => 3600,
         _ => {
             return Err(format!(
                 "{s:?} has unknown unit {unit:?}: use ms, s, m or h"
             ));
         }
-    })
+    };
+    n.checked_mul(per_unit)
+        .filter(|&secs| secs <= MAX_SECS)
+        .map(Duration::from_secs)
+        .ok_or_else(too_long)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use clap::CommandFactory;
+
+    /// Found by the config fuzz target: minutes and hours that do not fit
+    /// in seconds overflowed (a panic with overflow checks, a wrapped,
+    /// wrong duration without).
+    #[test]
+    fn durations_too_long_are_errors() {
+        assert_eq!(parse_duration("5m"), Ok(Duration::from_secs(300)));
+        assert_eq!(parse_duration("2h"), Ok(Duration::from_secs(7200)));
+        let e = parse_duration("6148914691236517202m").unwrap_err();
+        assert!(e.contains("too long"), "{e}");
+        assert!(parse_duration("18446744073709551615h").is_err());
+        assert!(parse_duration("18446744073709551615s").is_err());
+        assert!(parse_duration("18446744073709551615ms").is_err());
+        assert_eq!(
+            parse_duration("876000h"),
+            Ok(Duration::from_secs(876_000 * 3600))
+        );
+    }
 
     #[test]
     fn cli_is_consistent() {
