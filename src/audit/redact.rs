@@ -200,7 +200,17 @@ fn redact_sql(sql: &str, depth: u32) -> Option<String> {
         };
         if let Some(r) = replacement {
             out.push_str(&sql[copied..start]);
+            // A quote next to a quote reads as one literal with a doubled
+            // quote inside: a dollar-quoted or E'' value glued to another
+            // string would merge with it once written as '<redacted>', and
+            // a second redaction would take both for the secret.
+            if out.ends_with('\'') && r.starts_with('\'') {
+                out.push(' ');
+            }
             out.push_str(&r);
+            if r.ends_with('\'') && sql[end..].starts_with('\'') {
+                out.push(' ');
+            }
             copied = end;
         }
     }
@@ -446,6 +456,27 @@ mod tests {
         let once = std::str::from_utf8(once.as_ref()).unwrap().to_owned();
         assert!(once.contains(&format!("password={REDACTED}'")), "{once}");
         assert_eq!(redact(once.as_bytes()).as_ref(), once.as_bytes());
+    }
+
+    /// Found by the audit_tap fuzz target in CI: a dollar-quoted password
+    /// glued to the next string became `'<redacted>''...'`, one literal to
+    /// a second redaction. The same on the other side, and for E''.
+    #[test]
+    fn a_replacement_never_merges_with_a_neighbouring_string() {
+        for sql in [
+            "create ROLE x LOGIN PASSWORD $$x$$'  SELECT '--'",
+            "create ROLE x LOGIN PASSWORD E'x''y'' SELECT '--'",
+            "select 'a'E'password=1'",
+            "select $$a$$E'password=1''b'",
+        ] {
+            let once = shown(sql);
+            assert!(once.contains(REDACTED), "{sql} -> {once}");
+            assert_eq!(shown(&once), once, "{sql}");
+        }
+        assert_eq!(
+            shown("create ROLE x LOGIN PASSWORD $$x$$'  SELECT '--'"),
+            "create ROLE x LOGIN PASSWORD '<redacted>' '  SELECT '--'"
+        );
     }
 
     #[test]
