@@ -60,6 +60,7 @@ pub mod peer;
 pub mod pg;
 pub mod reloadable;
 pub mod secret;
+pub mod sigv4;
 pub mod stream;
 pub mod systemd;
 pub mod throttle;

@@ -4,15 +4,12 @@
 //! The bytes match botocore's `generate_db_auth_token` (what the AWS CLI
 //! runs) for the same inputs and clock: the parameters are written in its
 //! order (operation parameters, then the auth parameters, then the
-//! signature). Key derivation and the HMAC come from `aws-sigv4`.
+//! signature); the presigning itself is [`crate::sigv4`].
 
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use aws_credential_types::Credentials;
-use aws_sigv4::sign::v4::{calculate_signature, generate_signing_key};
-use sha2::{Digest, Sha256};
-use zeroize::Zeroizing;
 
 use crate::secret::Secret;
 
@@ -20,7 +17,6 @@ use crate::secret::Secret;
 pub const TOKEN_LIFETIME: Duration = Duration::from_secs(900);
 
 const SERVICE: &str = "rds-db";
-const EMPTY_SHA256: &str = "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855";
 
 /// Where time comes from, so tests can sign at a fixed instant.
 pub trait Clock: Send + Sync + std::fmt::Debug {
@@ -74,109 +70,31 @@ impl Signer {
 /// Signs a token for `target` with `creds` as of `now`.
 pub fn sign_at(creds: &Credentials, target: &TokenTarget<'_>, now: SystemTime) -> Secret {
     let host = target.host.to_ascii_lowercase();
-    let (date, datetime) = amz_dates(now);
-    let scope = format!("{date}/{}/{SERVICE}/aws4_request", target.region);
-    let credential = format!("{}/{scope}", creds.access_key_id());
-    let expires = TOKEN_LIFETIME.as_secs();
-
-    // Operation parameters first, then the auth parameters: botocore's order.
-    // The session token is in these strings: wiped when they go.
-    let mut query = Zeroizing::new(String::with_capacity(1600));
-    query.push_str("Action=connect&DBUser=");
-    encode_into(&mut query, target.user);
-    query.push_str("&X-Amz-Algorithm=AWS4-HMAC-SHA256&X-Amz-Credential=");
-    encode_into(&mut query, &credential);
-    query.push_str("&X-Amz-Date=");
-    query.push_str(&datetime);
-    query.push_str(&format!(
-        "&X-Amz-Expires={expires}&X-Amz-SignedHeaders=host"
-    ));
-    if let Some(token) = creds.session_token() {
-        query.push_str("&X-Amz-Security-Token=");
-        encode_into(&mut query, token);
-    }
-
-    // The canonical query sorts by name; only the security token moves.
-    let mut canonical_query = Zeroizing::new(String::with_capacity(query.len()));
-    canonical_query.push_str("Action=connect&DBUser=");
-    encode_into(&mut canonical_query, target.user);
-    canonical_query.push_str("&X-Amz-Algorithm=AWS4-HMAC-SHA256&X-Amz-Credential=");
-    encode_into(&mut canonical_query, &credential);
-    canonical_query.push_str("&X-Amz-Date=");
-    canonical_query.push_str(&datetime);
-    canonical_query.push_str(&format!("&X-Amz-Expires={expires}"));
-    if let Some(token) = creds.session_token() {
-        canonical_query.push_str("&X-Amz-Security-Token=");
-        encode_into(&mut canonical_query, token);
-    }
-    canonical_query.push_str("&X-Amz-SignedHeaders=host");
-
     // The host header drops the scheme's default port, as HTTP clients do.
     let host_header = if target.port == 443 {
         host.clone()
     } else {
         format!("{host}:{}", target.port)
     };
-    let canonical_request = Zeroizing::new(format!(
-        "GET\n/\n{}\nhost:{host_header}\n\nhost\n{EMPTY_SHA256}",
-        canonical_query.as_str()
-    ));
-    let string_to_sign = format!(
-        "AWS4-HMAC-SHA256\n{datetime}\n{scope}\n{}",
-        hex(&Sha256::digest(canonical_request.as_bytes()))
+    // Operation parameters first, then the auth parameters: botocore's order.
+    let query = crate::sigv4::presign(
+        creds,
+        &crate::sigv4::Presign {
+            host: &host_header,
+            region: target.region,
+            service: SERVICE,
+            params: &[("Action", "connect"), ("DBUser", target.user)],
+            headers: &[],
+            expires: TOKEN_LIFETIME.as_secs(),
+        },
+        now,
     );
-    let key = generate_signing_key(creds.secret_access_key(), now, target.region, SERVICE);
-    let signature = calculate_signature(key, string_to_sign.as_bytes());
-
-    Secret::new(format!(
-        "{host}:{}/?{}&X-Amz-Signature={signature}",
-        target.port,
-        query.as_str()
-    ))
-}
-
-/// `YYYYMMDD` and `YYYYMMDDTHHMMSSZ` in UTC.
-fn amz_dates(now: SystemTime) -> (String, String) {
-    let t = time::OffsetDateTime::from(now);
-    let date = format!("{:04}{:02}{:02}", t.year(), u8::from(t.month()), t.day());
-    let datetime = format!("{date}T{:02}{:02}{:02}Z", t.hour(), t.minute(), t.second());
-    (date, datetime)
-}
-
-/// RFC 3986 percent-encoding: everything but unreserved characters.
-fn encode_into(out: &mut String, value: &str) {
-    const HEX: &[u8; 16] = b"0123456789ABCDEF";
-    for &b in value.as_bytes() {
-        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') {
-            out.push(b as char);
-        } else {
-            out.push('%');
-            out.push(HEX[usize::from(b >> 4)] as char);
-            out.push(HEX[usize::from(b & 15)] as char);
-        }
-    }
-}
-
-fn hex(bytes: &[u8]) -> String {
-    const HEX: &[u8; 16] = b"0123456789abcdef";
-    let mut s = String::with_capacity(bytes.len() * 2);
-    for &b in bytes {
-        s.push(HEX[usize::from(b >> 4)] as char);
-        s.push(HEX[usize::from(b & 15)] as char);
-    }
-    s
+    Secret::new(format!("{host}:{}/?{}", target.port, query.as_str()))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn percent_encoding_keeps_only_unreserved() {
-        let mut s = String::new();
-        encode_into(&mut s, "a.b-c_d~e f/g+h@é");
-        assert_eq!(s, "a.b-c_d~e%20f%2Fg%2Bh%40%C3%A9");
-    }
 
     #[test]
     fn token_layout() {
