@@ -50,6 +50,7 @@ pub mod conn;
 pub mod error;
 pub mod forward;
 pub mod gate;
+pub mod gateway;
 pub mod handshake;
 pub mod identity;
 pub mod listener;
