@@ -12,7 +12,9 @@ tests need to talk to "Aurora" with IAM authentication, without AWS:
   signature with botocore against a table of test credentials;
 - moto_server (STS, KMS, Kinesis, ...);
 - an IAM Identity Center stand-in (SSO portal GetRoleCredentials, SSO-OIDC
-  CreateToken) because moto serves neither, plus a control API under /_bed/.
+  CreateToken) because moto serves neither, plus a control API under /_bed/;
+- an STS GetCallerIdentity stand-in that, unlike moto, checks SigV4 query
+  signatures (gateway mode replays presigned requests to it).
 
 Usage: bed.py run [--state-dir DIR] [--keep]
 
@@ -31,6 +33,7 @@ import ipaddress
 import json
 import os
 import pwd
+import re
 import secrets
 import shutil
 import signal
@@ -44,6 +47,9 @@ import threading
 import time
 import urllib.parse
 import urllib.request
+import uuid
+import xml.etree.ElementTree
+from xml.sax.saxutils import escape
 
 import botocore.auth
 import botocore.awsrequest
@@ -292,6 +298,16 @@ def verify_token(token, login_user, creds, now=None):
         return False, f"malformed token ({type(e).__name__})", "-"
 
 
+def session_token_problem(expected, presented):
+    """Why `presented` (X-Amz-Security-Token) does not go with a key whose
+    session token is `expected` (None: long-term key); None if it does."""
+    if expected is None:
+        return "security token given for a long-term key" if presented is not None else None
+    if presented is None or not hmac.compare_digest(presented.encode(), expected.encode()):
+        return "security token missing or wrong"
+    return None
+
+
 def _verify(token, login_user, creds, now):
     if "://" in token:
         raise Reject("token carries a URL scheme")
@@ -346,13 +362,9 @@ def _verify(token, login_user, creds, now):
     if entry is None:
         raise Reject("unknown access key", access_key)
     secret, session_token = entry
-    presented = params.get("X-Amz-Security-Token")
-    if session_token is None and presented is not None:
-        raise Reject("security token given for a long-term key", access_key)
-    if session_token is not None and (
-        presented is None or not hmac.compare_digest(presented.encode(), session_token.encode())
-    ):
-        raise Reject("security token missing or wrong", access_key)
+    problem = session_token_problem(session_token, params.get("X-Amz-Security-Token"))
+    if problem:
+        raise Reject(problem, access_key)
 
     # Recompute with botocore's own signer. The query is rebuilt from the
     # decoded parameters (request.params), so botocore re-encodes it
@@ -462,13 +474,17 @@ class IdentityCenter:
         self.url = None
         self.start_url = None
         session = botocore.session.get_session()
-        self.sts = session.create_client(
-            "sts",
-            region_name=REGION,
-            endpoint_url=moto_url,
-            aws_access_key_id=LONG_TERM_ACCESS_KEY_ID,
-            aws_secret_access_key=LONG_TERM_SECRET_ACCESS_KEY,
+        self.sts, self.iam = (
+            session.create_client(
+                service,
+                region_name=REGION,
+                endpoint_url=moto_url,
+                aws_access_key_id=LONG_TERM_ACCESS_KEY_ID,
+                aws_secret_access_key=LONG_TERM_SECRET_ACCESS_KEY,
+            )
+            for service in ("sts", "iam")
         )
+        self.roles = set()  # permission sets whose IAM role exists in moto
 
     @staticmethod
     def role_name(permission_set):
@@ -481,6 +497,26 @@ class IdentityCenter:
         reported expiration that much from now, so that a client has to come
         back for new ones soon (moto's own minimum is 900 s)."""
         with self.lock:
+            if permission_set not in self.roles:
+                # moto's GetCallerIdentity makes up a fresh random AROA... UserId
+                # on every call for a role that IAM does not know; with the role
+                # created (as Identity Center provisions it) the UserId is the
+                # role's stable id, as at AWS. Best effort: a name IAM refuses
+                # only costs that stability.
+                try:
+                    self.iam.create_role(
+                        RoleName=self.role_name(permission_set),
+                        AssumeRolePolicyDocument=json.dumps({
+                            "Version": "2012-10-17",
+                            "Statement": [{
+                                "Effect": "Allow", "Action": "sts:AssumeRoleWithSAML",
+                                "Principal": {"Federated": f"arn:aws:iam::{ACCOUNT_ID}:saml-provider/AWSSSO"},
+                            }],
+                        }),
+                    )
+                except Exception as e:  # noqa: BLE001
+                    log(f"cannot create IAM role for permission set {permission_set!r}: {e}")
+                self.roles.add(permission_set)
             resp = self.sts.assume_role(
                 RoleArn=f"arn:aws:iam::{ACCOUNT_ID}:role/{self.role_name(permission_set)}",
                 RoleSessionName=user,
@@ -672,6 +708,351 @@ def oidc_error(status, code, oauth_error):
 
 
 # --------------------------------------------------------------------------
+# STS GetCallerIdentity stand-in that checks signatures
+#
+# Gateway mode: a client presigns sts:GetCallerIdentity (query-string SigV4,
+# with the signed header x-rds-iam-proxy-gateway-id), the gateway replays it
+# to STS and trusts the ARN that comes back. moto answers without looking at
+# signatures, so a gateway that forwarded a tampered, stale or re-targeted
+# request would pass against it; this stand-in refuses what STS refuses, in
+# STS's own error shapes, and records what reached it.
+
+STS_NS = "https://sts.amazonaws.com/doc/2011-06-15/"
+# STS ignores X-Amz-Expires on presigned GetCallerIdentity and allows 15
+# minutes after X-Amz-Date, 5 minutes of clock skew ahead.
+STS_MAX_AGE_SECS = 15 * 60
+STS_MAX_AHEAD_SECS = 5 * 60
+STS_MAX_BODY = 64 * 1024
+GATEWAY_ID_HEADER = "x-rds-iam-proxy-gateway-id"
+# Global endpoint (signed for us-east-1) or a regional one (China: .com.cn).
+STS_HOST = re.compile(r"sts(?:\.([a-z0-9-]+))?\.amazonaws\.com(?:\.cn)?(?::443)?")
+INVALID_TOKEN = "The security token included in the request is invalid"
+
+
+class StsError(Exception):
+    def __init__(self, status, code, message, access_key="-"):
+        super().__init__(message)
+        self.status, self.code, self.access_key = status, code, access_key
+
+
+class _SignedAsReceived(botocore.auth.SigV4QueryAuth):
+    """botocore's query signer, fed exactly the headers the request names in
+    X-Amz-SignedHeaders with their received values: its own choice (all but a
+    blacklist, host from the URL) is a signer's choice, not a verifier's."""
+
+    def __init__(self, credentials, region, signed_headers):
+        super().__init__(credentials, "sts", region)
+        self._signed_headers = signed_headers
+
+    def headers_to_sign(self, request):
+        return self._signed_headers
+
+
+def check_sts_request(method, path, raw_query, headers, body, creds, expired_keys, now):
+    """Verifies a presigned GetCallerIdentity as STS would.
+
+    `headers` is the received http.client.HTTPMessage. Returns (access_key,
+    secret, session_token); raises StsError.
+    """
+    def bad(message):
+        return StsError(400, "InvalidParameterValue", message)
+
+    if path != "/":
+        raise bad(f"no STS operation at {path!r}")
+    params = {}
+    for pair in raw_query.split("&") if raw_query else ():
+        k, _, v = pair.partition("=")
+        try:
+            k, v = urllib.parse.unquote(k, errors="strict"), urllib.parse.unquote(v, errors="strict")
+        except UnicodeDecodeError:
+            raise bad("query is not valid percent-encoded UTF-8") from None
+        if k in params:
+            raise bad(f"duplicate parameter {k}")
+        params[k] = v
+
+    if "X-Amz-Signature" not in params:
+        raise StsError(400, "MissingAuthenticationToken", "Request is missing Authentication Token")
+    for name in ("X-Amz-Algorithm", "X-Amz-Credential", "X-Amz-Date", "X-Amz-SignedHeaders"):
+        if name not in params:
+            raise bad(f"{name} is missing")
+    if params.get("Action") != "GetCallerIdentity" or params.get("Version") != "2011-06-15":
+        # Real STS would run any action; a gateway must never replay one.
+        raise StsError(400, "InvalidAction", "this stand-in serves GetCallerIdentity (2011-06-15) only")
+    if params["X-Amz-Algorithm"] != "AWS4-HMAC-SHA256":
+        raise bad(f"unsupported X-Amz-Algorithm {params['X-Amz-Algorithm']!r}")
+    amz_date = params["X-Amz-Date"]
+    try:
+        signed_at = dt.datetime.strptime(amz_date, "%Y%m%dT%H%M%SZ").replace(tzinfo=dt.timezone.utc)
+        signed_at = signed_at.timestamp()
+    except ValueError:
+        raise bad("X-Amz-Date is not YYYYMMDD'T'HHMMSS'Z'") from None
+    scope = params["X-Amz-Credential"].split("/")
+    if len(scope) != 5 or not scope[0]:
+        raise bad("X-Amz-Credential is not AKID/DATE/REGION/SERVICE/aws4_request")
+    access_key, date, region, service, terminator = scope
+
+    def refuse(code, message):
+        return StsError(403, code, message, access_key)
+
+    # The gateway dials the stand-in but sends the host the client signed.
+    hosts = headers.get_all("Host") or []
+    if len(hosts) != 1:
+        raise bad("not exactly one Host header")
+    host = hosts[0]
+    m = STS_HOST.fullmatch(host)
+    if m is None:
+        # Stand-in specific: STS is never reached under another name.
+        raise refuse("AccessDenied", f"Host {host!r} is not an STS endpoint")
+    # STS's own wording, for whoever reads a failing test.
+    mismatch = "SignatureDoesNotMatch"
+    if service != "sts":
+        raise refuse(mismatch, "Credential should be scoped to correct service: 'sts'.")
+    if terminator != "aws4_request":
+        raise refuse(mismatch, f"Credential should be scoped with a valid terminator: 'aws4_request', "
+                               f"not {terminator!r}.")
+    if region != (m.group(1) or "us-east-1"):
+        raise refuse(mismatch, f"Credential should be scoped to a valid region, not {region!r}.")
+    if date != amz_date[:8]:
+        raise refuse(mismatch, f"Date in Credential scope does not match YYYYMMDD from ISO-8601 version of date "
+                               f"from HTTP: {date!r} != '{amz_date[:8]}', from '{amz_date}'.")
+
+    def stamp(t):
+        return time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(t))
+
+    if signed_at < now - STS_MAX_AGE_SECS:
+        raise refuse(mismatch, f"Signature expired: {amz_date} is now earlier than "
+                               f"{stamp(now - STS_MAX_AGE_SECS)} ({stamp(now)} - 15 min.)")
+    if signed_at > now + STS_MAX_AHEAD_SECS:
+        raise refuse(mismatch, f"Signature not yet current: {amz_date} is still later than "
+                               f"{stamp(now + STS_MAX_AHEAD_SECS)} ({stamp(now)} + 5 min.)")
+
+    signed = botocore.awsrequest.HTTPHeaders()
+    names = params["X-Amz-SignedHeaders"].split(";")
+    if "host" not in names:
+        raise refuse(mismatch, "'Host' must be a signed header")
+    for name in names:
+        values = headers.get_all(name)
+        if not values:
+            raise refuse(mismatch, f"header {name!r} is in X-Amz-SignedHeaders but not in the request")
+        for value in values:
+            signed[name] = value
+
+    entry = creds.get(access_key)
+    if entry is None:
+        raise refuse("InvalidClientTokenId", INVALID_TOKEN + " (unknown access key).")
+    secret, session_token = entry
+    problem = session_token_problem(session_token, params.get("X-Amz-Security-Token"))
+    if problem:
+        raise refuse("InvalidClientTokenId", f"{INVALID_TOKEN} ({problem}).")
+    if access_key in expired_keys:
+        raise refuse("ExpiredToken", "The security token included in the request is expired")
+
+    # As the RDS token verifier does: the query is rebuilt from the decoded
+    # parameters and re-encoded canonically by botocore, the body is hashed
+    # as received (empty for GET: STS does not take UNSIGNED-PAYLOAD).
+    request = botocore.awsrequest.AWSRequest(
+        method=method, url=f"https://{host}/", data=body,
+        params={k: v for k, v in params.items() if k != "X-Amz-Signature"},
+    )
+    request.context["timestamp"] = amz_date
+    signer = _SignedAsReceived(botocore.credentials.Credentials(access_key, secret, session_token), region, signed)
+    expected = signer.signature(signer.string_to_sign(request, signer.canonical_request(request)), request)
+    if not hmac.compare_digest(expected.encode(), params["X-Amz-Signature"].encode()):
+        raise refuse(mismatch, "The request signature we calculated does not match the signature you provided.")
+    return access_key, secret, session_token
+
+
+class StsVerify:
+    """Plain-HTTP server: `/` is GetCallerIdentity, `/_bed/` its control API."""
+
+    def __init__(self, moto_url, creds, log_path):
+        self.moto_url = moto_url
+        self.creds = creds
+        self.lock = threading.Lock()
+        self.requests = []
+        self.identities = {}  # access key -> (arn, user id, account)
+        self.expired_keys = set()
+        self.delay = 0.0
+        self._log = open(log_path, "a", buffering=1)
+
+    def identity(self, access_key, secret, session_token):
+        """Arn, UserId and Account as moto's GetCallerIdentity states them.
+
+        moto knows which role each session it minted belongs to (the SSO
+        stand-in's included), so it is asked, once per key: the answer
+        cannot change for a key, and the cache keeps a check at ~1 ms. moto
+        does not check signatures; the request is signed anyway so that it is
+        one moto would also get from a real client.
+        """
+        with self.lock:
+            hit = self.identities.get(access_key)
+        if hit:
+            return hit
+        request = botocore.awsrequest.AWSRequest(
+            method="POST", url=f"{self.moto_url}/", data=b"Action=GetCallerIdentity&Version=2011-06-15",
+            headers={"Content-Type": "application/x-www-form-urlencoded; charset=utf-8"},
+        )
+        botocore.auth.SigV4Auth(
+            botocore.credentials.Credentials(access_key, secret, session_token), "sts", REGION
+        ).add_auth(request)
+        with urllib.request.urlopen(
+            urllib.request.Request(request.url, data=request.body, headers=dict(request.headers.items())), timeout=10
+        ) as r:
+            root = xml.etree.ElementTree.fromstring(r.read())
+        hit = tuple(root.findtext(f".//{{*}}{name}") for name in ("Arn", "UserId", "Account"))
+        if not all(hit):
+            raise RuntimeError(f"moto's GetCallerIdentity lacks Arn/UserId/Account for {access_key}")
+        with self.lock:
+            self.identities[access_key] = hit
+        return hit
+
+    def answer(self, method, path, raw_query, headers, body):
+        """-> (status, XML, request id, record) for one STS request. Never raises."""
+        request_id = str(uuid.uuid4())
+        gateway_ids = headers.get_all(GATEWAY_ID_HEADER) or []
+        record = {
+            "time": time.time(), "access_key_id": "-", "verdict": "ok",
+            "gateway_id": ",".join(gateway_ids) if gateway_ids else None, "gateway_id_signed": False,
+            "host": headers.get("Host"), "reason": "ok",
+        }
+        try:
+            params = urllib.parse.parse_qs(raw_query)
+            signed_names = (params.get("X-Amz-SignedHeaders") or [""])[0].split(";")
+            record["gateway_id_signed"] = GATEWAY_ID_HEADER in signed_names and bool(gateway_ids)
+            with self.lock:
+                expired = set(self.expired_keys)
+            key, secret, token = check_sts_request(
+                method, path, raw_query, headers, body, self.creds, expired, time.time()
+            )
+            record["access_key_id"] = key
+            arn, user_id, account = self.identity(key, secret, token)
+            record["arn"] = arn
+            doc = (
+                f'<GetCallerIdentityResponse xmlns="{STS_NS}"><GetCallerIdentityResult>'
+                f"<Arn>{escape(arn)}</Arn><UserId>{escape(user_id)}</UserId><Account>{escape(account)}</Account>"
+                f"</GetCallerIdentityResult><ResponseMetadata><RequestId>{request_id}</RequestId>"
+                "</ResponseMetadata></GetCallerIdentityResponse>"
+            )
+            return 200, doc, request_id, record
+        except Exception as e:  # noqa: BLE001 - junk gets an STS-shaped answer
+            if not isinstance(e, StsError):
+                e = StsError(500, "InternalFailure", f"stand-in failed: {e!r}", record["access_key_id"])
+            record.update(access_key_id=e.access_key, verdict=e.code, reason=str(e))
+            kind = "Receiver" if e.status >= 500 else "Sender"
+            doc = (
+                f'<ErrorResponse xmlns="{STS_NS}"><Error><Type>{kind}</Type><Code>{e.code}</Code>'
+                f"<Message>{escape(str(e))}</Message></Error><RequestId>{request_id}</RequestId></ErrorResponse>"
+            )
+            return e.status, doc, request_id, record
+
+    def note(self, record):
+        # Logged before the answer goes out: a test that reads the log right
+        # after its request finds the verdict.
+        with self.lock:
+            self.requests.append(record)
+            self._log.write(
+                f"{rfc3339(utc_now())} {'ACCEPT' if record['verdict'] == 'ok' else 'REJECT'} "
+                f"key={record['access_key_id']} verdict={record['verdict']} gateway_id={record['gateway_id']!r} "
+                f"signed={record['gateway_id_signed']} host={record['host']!r} reason={record['reason']!r}\n"
+            )
+
+    def serve(self):
+        sts = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+            # Headers and body leave in one segment (flushed after each
+            # request): written apart, on a keep-alive connection the body
+            # waits ~40 ms for the client's delayed ACK (Nagle).
+            wbufsize = -1
+            disable_nagle_algorithm = True
+
+            def log_message(self, *args):
+                pass
+
+            def reply(self, status, content_type, data, extra=()):
+                self.send_response(status)
+                self.send_header("Content-Type", content_type)
+                self.send_header("Content-Length", str(len(data)))
+                for k, v in extra:
+                    self.send_header(k, v)
+                self.end_headers()
+                self.wfile.write(data)
+
+            def json_reply(self, status, value):
+                self.reply(status, "application/json", json.dumps(value).encode())
+
+            def read_body(self):
+                # No chunked bodies: close rather than misread the next request.
+                if "Transfer-Encoding" in self.headers:
+                    self.close_connection = True
+                    raise ValueError("Transfer-Encoding is not supported")
+                n = int(self.headers.get("Content-Length") or 0)
+                if not 0 <= n <= STS_MAX_BODY:
+                    self.close_connection = True
+                    raise ValueError("bad Content-Length")
+                return self.rfile.read(n) if n else b""
+
+            def route(self, method):
+                url = urllib.parse.urlsplit(self.path)
+                try:
+                    body = self.read_body()
+                except ValueError as e:
+                    return self.json_reply(400, {"error": str(e)})
+                if url.path.startswith("/_bed/"):
+                    return self.control(method, url.path, body)
+                status, doc, request_id, record = sts.answer(method, url.path, url.query, self.headers, body)
+                sts.note(record)
+                if sts.delay:
+                    time.sleep(sts.delay)
+                self.reply(status, "text/xml", doc.encode(), [("x-amzn-RequestId", request_id)])
+
+            def control(self, method, path, body):
+                try:
+                    args = json.loads(body) if body else {}
+                    if (method, path) == ("GET", "/_bed/sts-requests"):
+                        with sts.lock:
+                            return self.json_reply(200, list(sts.requests))
+                    if (method, path) == ("POST", "/_bed/sts-delay"):
+                        seconds = float(args["seconds"])
+                        if not 0 <= seconds <= 600:
+                            raise ValueError("seconds must be within 0..600")
+                        sts.delay = seconds
+                        return self.json_reply(200, {"seconds": seconds})
+                    if (method, path) == ("POST", "/_bed/sts-expire"):
+                        with sts.lock:
+                            sts.expired_keys.add(str(args["access_key_id"]))
+                        return self.json_reply(200, {"expired": args["access_key_id"]})
+                    return self.json_reply(404, {"error": f"no route for {method} {path}"})
+                except Exception as e:  # noqa: BLE001
+                    return self.json_reply(400, {"error": repr(e)})
+
+            def do_GET(self):
+                self.route("GET")
+
+            def do_POST(self):
+                self.route("POST")
+
+        class Server(http.server.ThreadingHTTPServer):
+            daemon_threads = True
+            request_queue_size = 128  # the login benchmark opens many at once
+
+            def handle_error(self, request, client_address):
+                # A client hanging up mid-request is no news; anything else is.
+                if not isinstance(sys.exc_info()[1], ConnectionError):
+                    super().handle_error(request, client_address)
+
+        self.server = Server(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, name="sts-verify", daemon=True).start()
+
+    def stop(self):
+        self.server.shutdown()
+        self.server.server_close()
+        self._log.close()
+
+
+# --------------------------------------------------------------------------
 # Supervisor
 
 
@@ -686,6 +1067,7 @@ class Bed:
         self.moto = None
         self.verifier = None
         self.ic = None
+        self.sts_verify = None
         self.stopping = threading.Event()
         self.pg_user = pwd.getpwnam(PG_OS_USER)
         self.master_password = secrets.token_urlsafe(18)
@@ -748,6 +1130,9 @@ class Bed:
         wait_until("moto_server", 60, lambda: self._moto_ready())
         self.ic = IdentityCenter(self.moto_url, self.creds)
         self.ic.serve()
+        self.sts_verify_log = f"{d}/sts_verify.log"
+        self.sts_verify = StsVerify(self.moto_url, self.creds, self.sts_verify_log)
+        self.sts_verify.serve()
         self.start_secs = time.monotonic() - t0
 
     def _moto_ready(self):
@@ -881,6 +1266,8 @@ class Bed:
             "moto_url": self.moto_url,
             "sso_url": self.ic.url,
             "start_url": self.ic.start_url,
+            "sts_verify_url": self.sts_verify.url,
+            "sts_verify_log": self.sts_verify_log,
             "long_term_access_key_id": LONG_TERM_ACCESS_KEY_ID,
             "long_term_secret_access_key": LONG_TERM_SECRET_ACCESS_KEY,
             "verifier_log": self.verifier_log,
@@ -930,6 +1317,7 @@ class Bed:
             lambda: self.moto and (self.moto.terminate(), self.moto.wait(10)),
             lambda: self.verifier and self.verifier.stop(),
             lambda: self.ic and self.ic.stop(),
+            lambda: self.sts_verify and self.sts_verify.stop(),
             lambda: os.path.exists(self.pam_file) and os.unlink(self.pam_file),
             lambda: (not self.keep) and shutil.rmtree(self.state_dir, ignore_errors=True),
         ):

@@ -54,6 +54,9 @@ pub struct BedInfo {
     pub moto_url: String,
     pub sso_url: String,
     pub start_url: String,
+    /// Signature-checking STS GetCallerIdentity stand-in (gateway mode):
+    /// dial it, but send the signed STS host in `Host`.
+    pub sts_verify_url: String,
     pub long_term_access_key_id: String,
     pub long_term_secret_access_key: String,
     pub verifier_log: PathBuf,
@@ -99,6 +102,7 @@ impl BedInfo {
             moto_url: s("moto_url")?,
             sso_url: s("sso_url")?,
             start_url: s("start_url")?,
+            sts_verify_url: s("sts_verify_url")?,
             long_term_access_key_id: s("long_term_access_key_id")?,
             long_term_secret_access_key: s("long_term_secret_access_key")?,
             verifier_log: p("verifier_log")?,
