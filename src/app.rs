@@ -73,6 +73,9 @@ pub struct AppContext {
     pub audit: Arc<crate::audit::Auditor>,
     /// The threads that carry sessions.
     pub workers: crate::workers::SessionWorkers,
+    /// Gateway mode: each client proves who they are; `None` for the
+    /// local proxy, which acts for its own identity.
+    pub gateway: Option<Arc<crate::gateway::Gateway>>,
     next_id: AtomicU64,
 }
 
@@ -123,6 +126,8 @@ pub enum StartError {
     Peer(#[from] PeerError),
     #[error("audit log: {0}")]
     Audit(#[from] crate::audit::WriterError),
+    #[error("STS for gateway proofs: {0}")]
+    StsTls(TlsSetupError),
     #[error("cannot start the session worker threads: {0}")]
     Workers(std::io::Error),
     #[error("cannot listen on {what}: {source}")]
@@ -196,6 +201,25 @@ pub async fn build(
             live: ArcSwap::from_pointee(live),
         }));
     }
+    let gateway = match &config.gateway {
+        Some(g) => {
+            let sts_region = match &g.sts_region {
+                Some(r) => r.clone(),
+                None => endpoints[0].region.clone(),
+            };
+            let plain = g
+                .sts_endpoint_url
+                .as_deref()
+                .is_some_and(|u| u.starts_with("http://"));
+            let tls = if plain {
+                None
+            } else {
+                Some(tls::sts_client_config().map_err(StartError::StsTls)?)
+            };
+            Some(Arc::new(crate::gateway::Gateway::new(g, sts_region, tls)))
+        }
+        None => None,
+    };
     let peers = PeerPolicy::from_allow_list(crate::peer::own_uid()?, &config.allow_local_users)?;
     let audit = Arc::new(crate::audit::Auditor::start(config.audit.clone())?);
     let identity = IdentityService::new(&sdk, config.identity.clone());
@@ -213,6 +237,7 @@ pub async fn build(
         phase,
         tasks: TaskTracker::new(),
         workers,
+        gateway,
         started: AtomicBool::new(false),
         next_id: AtomicU64::new(0),
     });
@@ -290,10 +315,12 @@ impl Server {
         }
         // Lives as long as the process: warns before an SSO login that
         // cannot renew itself ends.
-        tokio::spawn({
-            let app = app.clone();
-            async move { app.identity.watch_expiry(EXPIRY_WARNING).await }
-        });
+        if app.gateway.is_none() {
+            tokio::spawn({
+                let app = app.clone();
+                async move { app.identity.watch_expiry(EXPIRY_WARNING).await }
+            });
+        }
 
         let mut accept_loops = Vec::new();
         for (l, ep) in bound {

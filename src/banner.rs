@@ -23,6 +23,25 @@ pub async fn log(ctx: &AppContext, endpoints: &[Arc<EndpointContext>]) {
         .map(|e| e.region.as_str())
         .collect::<Vec<_>>()
         .join(", ");
+    if let Some(g) = &ctx.gateway {
+        // A gateway acts for nobody: it holds no credentials to ask about.
+        let t = &g.verifier.trust;
+        info!(
+            gateway_id = %g.id,
+            sts_region = %g.sts_region,
+            trust_accounts = %t.accounts.join(","),
+            trust_roles = %t.roles.join(","),
+            upstream = %upstream,
+            "gateway {} for {upstream}: each client proves who they are with their own AWS session \
+             (rds-iam-proxy gateway-password, or a local rds-iam-proxy --gateway); people from roles {} \
+             of accounts {}, verified with STS in {}",
+            g.id,
+            t.roles.join(", "),
+            t.accounts.join(", "),
+            g.sts_region
+        );
+        return;
+    }
     match ctx.identity.current().await {
         Ok((creds, id)) => {
             ctx.metrics.observe_credentials(creds.expiry());

@@ -54,6 +54,38 @@ pub enum Command {
     /// Work with audit log files.
     #[command(subcommand)]
     Audit(AuditCommand),
+    /// Run as a gateway shared by several people (a bastion): each client
+    /// proves who they are with their own AWS session (see
+    /// `gateway-password`), and logs in with a token they signed
+    /// themselves. Takes the proxy's flags and the gateway's below.
+    Gateway(GatewayCommand),
+    /// Print a fresh proof of your AWS identity for a gateway, to use as
+    /// the password of one connection (PGPASSWORD) through it.
+    GatewayPassword(GatewayPasswordArgs),
+}
+
+/// `rds-iam-proxy gateway`.
+#[derive(Debug, Clone, Args)]
+pub struct GatewayCommand {
+    #[command(flatten)]
+    pub proxy: ProxyArgs,
+}
+
+/// `rds-iam-proxy gateway-password`.
+#[derive(Debug, Clone, Args)]
+pub struct GatewayPasswordArgs {
+    #[command(flatten)]
+    pub token: TokenArgs,
+
+    /// The gateway's id: the name you reach it by, unless its operator
+    /// says otherwise.
+    #[arg(long, env = "RDS_IAM_PROXY_GATEWAY_ID", value_name = "ID")]
+    pub gateway_id: String,
+
+    /// The region whose STS the gateway asks [default: the endpoint's
+    /// region].
+    #[arg(long, env = "RDS_IAM_PROXY_STS_REGION", value_name = "REGION")]
+    pub sts_region: Option<String>,
 }
 
 /// `rds-iam-proxy whoami`.
@@ -251,6 +283,21 @@ pub struct ProxyArgs {
 
     #[command(flatten)]
     pub audit: AuditArgs,
+
+    #[command(flatten)]
+    pub gateway: crate::gateway::config::GatewayArgs,
+
+    /// Set by `rds-iam-proxy gateway`, never by a flag.
+    #[arg(skip)]
+    pub gateway_mode: bool,
+
+    /// Serve clients that connect from other hosts (a --listen address
+    /// that is not loopback). Each of them acts as this proxy's AWS
+    /// identity, with no check of who they are: only for a sidecar whose
+    /// network only its application reaches. For a proxy that several
+    /// people share, run `rds-iam-proxy gateway` instead.
+    #[arg(long, env = "RDS_IAM_PROXY_ALLOW_REMOTE_CLIENTS")]
+    pub allow_remote_clients: bool,
 
     /// Certificate chain (PEM) shown to clients [default: a local CA and
     /// localhost certificate made on first run in the state directory].

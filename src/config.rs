@@ -56,6 +56,12 @@ pub struct Config {
     pub identity: IdentityOptions,
     /// `--allow-local-user` values (names, uids or `any`), resolved at start.
     pub allow_local_users: Vec<String>,
+    /// Local mode: serve clients on non-loopback listeners, as this
+    /// proxy's identity [default: false; such a listener refuses to start].
+    pub allow_remote_clients: bool,
+    /// Gateway mode (`rds-iam-proxy gateway`) and its settings; `None` for
+    /// the local proxy.
+    pub gateway: Option<crate::gateway::config::GatewayConfig>,
     /// Audit log and password guard.
     pub audit: crate::audit::AuditConfig,
     /// Time a client has to finish TLS and send its startup packet.
@@ -156,6 +162,13 @@ pub enum ConfigError {
     Identity(#[from] OptionsError),
     #[error("--audit-mode async|sync needs --audit-dir DIR (audit.mode / audit.dir in the file)")]
     NoAuditDir,
+    #[error(
+        "{key} {addr} is not a loopback address: anyone who can reach it would use this proxy's AWS identity \
+         as their own. For a proxy several people share, run `rds-iam-proxy gateway` (each person proves \
+         who they are); for a sidecar whose network only its application reaches, pass \
+         --allow-remote-clients (allow_remote_clients = true)"
+    )]
+    RemoteListener { key: String, addr: SocketAddr },
 }
 
 /// The TOML file. Every table denies unknown keys so a typo is an error,
@@ -177,6 +190,8 @@ pub struct FileConfig {
     pub log_format: Option<String>,
     pub admin: Option<AdminFile>,
     pub audit: Option<AuditFile>,
+    pub allow_remote_clients: Option<bool>,
+    pub gateway: Option<crate::gateway::config::GatewayFile>,
     #[serde(default)]
     pub endpoint: Vec<EndpointFile>,
 }
@@ -555,7 +570,42 @@ impl Config {
         }
         check_distinct(&endpoints, path.as_deref())?;
         let audit = merge_audit(cli, given, f.audit.as_ref(), &fk)?;
+        let gateway = crate::gateway::config::merge(
+            cli.gateway_mode,
+            &cli.gateway,
+            given,
+            f.gateway.as_ref(),
+            &fk,
+        )?;
+        let allow_remote_clients = pick(
+            given("allow_remote_clients"),
+            cli.allow_remote_clients,
+            f.allow_remote_clients,
+        );
+        if gateway.is_some() && allow_remote_clients {
+            return Err(ConfigError::Conflict {
+                key: fk("allow_remote_clients"),
+                problem: "applies to the local proxy only: a gateway serves remote clients, each with a proof of who they are".into(),
+            });
+        }
+        // Local mode acts for one identity: a listener others can reach
+        // would hand it to them, unless the operator says so.
+        if gateway.is_none() && !allow_remote_clients {
+            for (i, e) in endpoints.iter().enumerate() {
+                if let Some(addr) = e.listen.iter().find(|a| !a.ip().is_loopback()) {
+                    let key = match &path {
+                        Some(p) if !given("listen") => {
+                            format!("endpoint[{}].listen in {}", i + 1, p.display())
+                        }
+                        _ => "--listen".into(),
+                    };
+                    return Err(ConfigError::RemoteListener { key, addr: *addr });
+                }
+            }
+        }
         Ok(Config {
+            allow_remote_clients,
+            gateway,
             audit,
             endpoints,
             identity: IdentityOptions {
@@ -622,6 +672,9 @@ impl Config {
             self.worker_threads
         );
         let _ = writeln!(s, "max_sigterm_delay = {}", d(self.max_sigterm_delay));
+        if self.allow_remote_clients {
+            let _ = writeln!(s, "allow_remote_clients = true");
+        }
         // One directory for every endpoint's local CA (merge gives them all
         // the same): said once at the top, or a reload of this text would
         // fall back to the default.
@@ -671,6 +724,9 @@ impl Config {
             a.queue_capacity,
             !a.password_guard
         );
+        if let Some(g) = &self.gateway {
+            crate::gateway::config::render(g, &mut s, &q);
+        }
         for e in &self.endpoints {
             let _ = writeln!(s, "\n[[endpoint]]\nname = {}", q(&e.name));
             let _ = writeln!(

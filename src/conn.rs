@@ -13,8 +13,10 @@ use crate::admission::HandshakePlace;
 use crate::app::{AppContext, EndpointContext, EndpointTls, Phase};
 use crate::config::Config;
 use crate::error::{ConnError, Names, sqlstate};
+use crate::gateway::PersonPlace;
+use crate::gateway::login::{self, GatewayError};
 use crate::handshake::{self, ClientRequest, Negotiated};
-use crate::identity::Identity;
+use crate::identity::{Identity, SourceKind};
 use crate::pg::backend;
 use crate::pg::backend::{ErrorMessage, Severity};
 use crate::pg::startup::StartupMessage;
@@ -53,8 +55,13 @@ pub async fn serve(
     let span = info_span!("conn", id, endpoint = %ep.name, peer = %peer.addr);
     async move {
         // Who is behind a local connection is judged now, before any of
-        // its bytes is read, while the client's socket is live.
-        let verdict = crate::peer::check(&ctx.peers, &peer.local).await;
+        // its bytes is read, while the client's socket is live. A gateway
+        // judges every client by its proof instead.
+        let verdict = if ctx.gateway.is_some() {
+            Ok(())
+        } else {
+            crate::peer::check(&ctx.peers, &peer.local).await
+        };
         run(ctx, ep, socket, peer, verdict, id, place).await
     }
     .instrument(span)
@@ -72,7 +79,9 @@ async fn negotiate(
     peer: &Peer,
     id: u64,
 ) -> Option<(ClientStream, ClientRequest)> {
-    let negotiate = handshake::negotiate(socket, &live.server_tls, peer.plaintext_ok);
+    // A gateway's clients send their proof as a password: TLS only.
+    let plaintext_ok = peer.plaintext_ok && ctx.gateway.is_none();
+    let negotiate = handshake::negotiate(socket, &live.server_tls, plaintext_ok);
     tokio::pin!(negotiate);
     let who = (id, peer, None);
     tokio::select! {
@@ -176,8 +185,17 @@ async fn run(
     let database = startup.database().to_owned();
     let span = info_span!("session", user = %user, database = %database);
     async move {
-        let (upstream, identity) = match open_session(&ctx, &ep, &live, &config, &startup, id).await
-        {
+        let opened = open_session(
+            &ctx,
+            &ep,
+            &live,
+            &config,
+            &startup,
+            id,
+            Some((&mut stream, &peer)),
+        )
+        .await;
+        let (upstream, identity, _person_place) = match opened {
             Ok(s) => s,
             Err(e) => {
                 let who = (id, &peer, Some((user.as_str(), database.as_str())));
@@ -231,6 +249,7 @@ async fn run(
             upstream_local_addr: backend_start.local,
             backend_start_window: Some((backend_start.after, backend_start.before)),
             session_id: backend_pid.and_then(|pid| backend_start.session_id(pid)),
+            gateway_id: ctx.gateway.as_ref().map(|g| g.id.clone()),
             ..Default::default()
         };
         if !ctx
@@ -271,7 +290,9 @@ async fn run(
         let mut tap = crate::audit::tap::wanted(&ctx.audit).then(|| {
             let mut tap = crate::audit::SessionTap::new(id, ctx.audit.clone());
             tap.greeting(&greeting);
-            if ctx.audit.sink.is_some() {
+            // The lookup logs in again as the session did: a gateway holds
+            // no credentials of the person's to do that with.
+            if ctx.audit.sink.is_some() && ctx.gateway.is_none() {
                 tap.name_functions(function_names(&ctx, &ep, &live, &config, &startup, id));
             }
             tap
@@ -471,8 +492,8 @@ fn function_names(
     let (ctx, ep, live, config) = (ctx.clone(), ep.clone(), live.clone(), config.clone());
     ctx.clone().tasks.spawn(async move {
         let open = async {
-            match open_session(&ctx, &ep, &live, &config, &lookup, id).await {
-                Ok((upstream, _)) => Ok(upstream.stream),
+            match open_session(&ctx, &ep, &live, &config, &lookup, id, None).await {
+                Ok((upstream, _, _)) => Ok(upstream.stream),
                 Err(e) => {
                     warn!(conn = id, error = %e, "function name lookup: login failed");
                     Err("the lookup connection could not log in (the proxy's log says why)".into())
@@ -484,7 +505,12 @@ fn function_names(
     asker
 }
 
-/// Identity check, token, upstream login.
+/// The client a login may ask for a password (gateway mode).
+type Client<'a> = Option<(&'a mut ClientStream, &'a Peer)>;
+
+/// Identity check, token, upstream login. In gateway mode the client is
+/// asked for its proof first; the place it holds among the person's
+/// sessions comes back with the session.
 async fn open_session(
     ctx: &AppContext,
     ep: &EndpointContext,
@@ -492,7 +518,8 @@ async fn open_session(
     config: &Config,
     startup: &StartupMessage,
     id: u64,
-) -> Result<(Upstream, Arc<Identity>), ConnError> {
+    client: Client<'_>,
+) -> Result<(Upstream, Arc<Identity>, Option<PersonPlace>), ConnError> {
     if startup.param("replication").is_some_and(|v| {
         !matches!(
             v.to_ascii_lowercase().as_str(),
@@ -501,19 +528,58 @@ async fn open_session(
     }) {
         return Err(ConnError::Replication);
     }
-    // Before any token exists: may this identity use the requested user?
-    let (creds, identity) = ctx.identity.authorize(startup.user()).await?;
-    ctx.metrics.observe_credentials(creds.expiry());
-    let token = ctx.signer.sign(
-        &creds,
-        &TokenTarget {
-            host: &live.endpoint.host,
-            port: live.endpoint.port,
-            region: &ep.region,
-            user: startup.user(),
-        },
-    );
-    ctx.metrics.token_signed();
+    let (token, identity, place) = match &ctx.gateway {
+        Some(gw) => {
+            let Some((stream, peer)) = client else {
+                return Err(GatewayError::NoPassword("no client to ask").into());
+            };
+            let asking = login::Asking {
+                source: peer
+                    .addr
+                    .parse::<std::net::SocketAddr>()
+                    .ok()
+                    .map(|a| a.ip()),
+                db_user: startup.user(),
+                endpoint_host: &live.endpoint.host,
+                endpoint_port: live.endpoint.port,
+                endpoint_region: &ep.region,
+                timeout: config.handshake_timeout,
+            };
+            let admitted = login::admit(gw, stream, asking).await?;
+            let p = admitted.proven;
+            info!(
+                person = %p.person,
+                arn = %p.caller.arn,
+                access_key_id = %p.access_key_id,
+                "gateway proof accepted"
+            );
+            let identity = Identity {
+                source: SourceKind::Gateway,
+                user_name: p.person,
+                arn: p.caller.arn,
+                account: p.caller.account,
+                access_key_id: p.access_key_id,
+                expires: None,
+            };
+            (p.token, Arc::new(identity), Some(admitted.place))
+        }
+        None => {
+            // Before any token exists: may this identity use the requested user?
+            let (creds, identity) = ctx.identity.authorize(startup.user()).await?;
+            ctx.metrics.observe_credentials(creds.expiry());
+            let token = ctx.signer.sign(
+                &creds,
+                &TokenTarget {
+                    host: &live.endpoint.host,
+                    port: live.endpoint.port,
+                    region: &ep.region,
+                    user: startup.user(),
+                },
+            );
+            ctx.metrics.token_signed();
+            (token, identity, None)
+        }
+    };
     let began = Instant::now();
     let stamped;
     let params = if ctx.audit.config.stamp_application_name {
@@ -527,7 +593,7 @@ async fn open_session(
         .await
         .map_err(|_| ConnError::LoginTimeout(config.login_timeout))??;
     ctx.metrics.upstream_login(began.elapsed());
-    Ok((upstream, identity))
+    Ok((upstream, identity, place))
 }
 
 /// The startup parameters with `application_name` prefixed by the person

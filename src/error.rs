@@ -11,6 +11,8 @@
 use thiserror::Error;
 
 use crate::forward::ForwardError;
+use crate::gateway::GatewayRefusal;
+use crate::gateway::login::GatewayError;
 use crate::handshake::HandshakeError;
 use crate::identity::IdentityError;
 use crate::peer::PeerRefusal;
@@ -40,6 +42,8 @@ pub enum ConnError {
     Forward(#[from] ForwardError),
     #[error("the audit log cannot be written (synchronous audit)")]
     AuditUnavailable,
+    #[error("gateway: {0}")]
+    Gateway(#[from] GatewayError),
 }
 
 /// SQLSTATEs the proxy uses.
@@ -48,6 +52,8 @@ pub mod sqlstate {
     pub const CANNOT_CONNECT: &str = "08001";
     pub const CONNECTION_FAILURE: &str = "08006";
     pub const INVALID_AUTHORIZATION: &str = "28000";
+    pub const INVALID_PASSWORD: &str = "28P01";
+    pub const REJECTED_CONNECTION: &str = "08004";
     pub const FEATURE_NOT_SUPPORTED: &str = "0A000";
     pub const TOO_MANY_CONNECTIONS: &str = "53300";
     pub const ADMIN_SHUTDOWN: &str = "57P01";
@@ -180,6 +186,7 @@ impl ConnError {
                 "rds-iam-proxy cannot write its audit log, and audits synchronously: sessions are refused until it can",
                 Some("ask the operator to check the proxy's audit directory (disk full?)".into()),
             ),
+            ConnError::Gateway(e) => gateway_message(e)?,
         })
     }
 }
@@ -206,6 +213,97 @@ pub fn upstream_lost() -> ErrorMessage {
                 .into(),
         ),
     )
+}
+
+/// What a gateway's client is told: the kind of refusal and what to run,
+/// never the proof's fields, the trusted roles or accounts, or STS's text.
+fn gateway_message(e: &GatewayError) -> Option<ErrorMessage> {
+    use crate::gateway::StsError;
+    use sqlstate::*;
+    let fresh = "get a fresh proof for this connection: PGPASSWORD=$(rds-iam-proxy gateway-password \
+                 --upstream ENDPOINT --gateway-id GATEWAY), or connect through a local \
+                 rds-iam-proxy --gateway; the gateway's log says why it refused";
+    Some(match e {
+        GatewayError::Refused(r) => match r {
+            GatewayRefusal::Proof(crate::gateway::ProofError::NotAProof) => fatal(
+                INVALID_PASSWORD,
+                "this is a rds-iam-proxy gateway: the password must be a proof of your AWS identity",
+                Some(fresh.into()),
+            ),
+            GatewayRefusal::Proof(crate::gateway::ProofError::OtherUser { want, .. }) => fatal(
+                INVALID_PASSWORD,
+                format!("the proof's database token is not for user \"{want}\""),
+                Some(format!("make the proof for the user you connect as (--user {want})")),
+            ),
+            GatewayRefusal::Proof(
+                crate::gateway::ProofError::Expired | crate::gateway::ProofError::TokenExpired,
+            ) => fatal(
+                INVALID_PASSWORD,
+                "the proof of identity has expired (proofs last 15 minutes)",
+                Some(fresh.into()),
+            ),
+            GatewayRefusal::Proof(_) => fatal(
+                INVALID_PASSWORD,
+                "the gateway refused the proof of identity",
+                Some(fresh.into()),
+            ),
+            GatewayRefusal::Replay(crate::gateway::Replay::Seen) => fatal(
+                INVALID_PASSWORD,
+                "this proof of identity was used before: each proof logs in once",
+                Some(fresh.into()),
+            ),
+            GatewayRefusal::Replay(crate::gateway::Replay::Full) => fatal(
+                REJECTED_CONNECTION,
+                "the gateway is taking more logins than it can check right now",
+                Some("try again in a minute".into()),
+            ),
+            GatewayRefusal::Sts(StsError::Refused { .. }) => fatal(
+                INVALID_PASSWORD,
+                "AWS STS did not accept the proof of identity",
+                Some(
+                    "your AWS session may have ended (sign in again: aws sso login), or the \
+                     proof was made for another gateway id; then get a fresh proof"
+                        .into(),
+                ),
+            ),
+            GatewayRefusal::Sts(_) => fatal(
+                CANNOT_CONNECT,
+                "the gateway could not check the proof of identity with AWS STS",
+                Some("try again; if it persists, tell the gateway's operator".into()),
+            ),
+            GatewayRefusal::Untrusted { .. } => fatal(
+                INVALID_AUTHORIZATION,
+                "this gateway does not accept people from your AWS role or account",
+                Some("sign in with a permission set of an account the gateway trusts (its operator knows which)".into()),
+            ),
+            GatewayRefusal::NotYourUser { requested, person } => fatal(
+                INVALID_AUTHORIZATION,
+                format!("database user \"{requested}\" is not yours: your AWS session is \"{person}\""),
+                Some(format!("connect as user \"{person}\"")),
+            ),
+        },
+        GatewayError::SourceBlocked(_) => fatal(
+            REJECTED_CONNECTION,
+            "too many refused proofs from your address in the last minute",
+            Some("wait a minute, then connect with a fresh proof".into()),
+        ),
+        GatewayError::TooManySessions { limit, .. } => fatal(
+            TOO_MANY_CONNECTIONS,
+            format!("you already have {limit} sessions through this gateway, its limit per person"),
+            Some("close sessions you no longer use, or ask the operator to raise --max-sessions-per-person".into()),
+        ),
+        GatewayError::NoPassword(_) => fatal(
+            PROTOCOL_VIOLATION,
+            "expected a password message carrying a proof of your AWS identity",
+            Some(fresh.into()),
+        ),
+        GatewayError::Timeout(_) => fatal(
+            PROTOCOL_VIOLATION,
+            "the client did not send its proof in time",
+            None,
+        ),
+        GatewayError::ClientGone => return None,
+    })
 }
 
 fn upstream_message(e: &UpstreamError, upstream: &str) -> Option<ErrorMessage> {

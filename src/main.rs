@@ -90,6 +90,16 @@ fn real_main() -> anyhow::Result<u8> {
                 init_tracing(config.log_format, "warn");
                 runtime.block_on(rds_iam_proxy::commands::connect::run(config, args.command))
             }
+            Command::Gateway(mut args) => {
+                drop(runtime);
+                args.proxy.gateway_mode = true;
+                run_proxy(args.proxy, sub)
+            }
+            Command::GatewayPassword(args) => {
+                init_tracing(cli.proxy.log_format, "warn");
+                runtime.block_on(rds_iam_proxy::commands::gateway_password::run(args))?;
+                Ok(0)
+            }
             Command::Doctor(args) => {
                 // The checklist says what failed; the SDK's own warnings
                 // would only repeat it.
@@ -104,16 +114,19 @@ fn real_main() -> anyhow::Result<u8> {
             }
         };
     }
-    let given = given_ids(&matches);
-    let env = process_env(&cli.proxy)?;
-    let config = load_config(&cli.proxy, &given, &env)?;
-    if cli.proxy.check_config {
+    run_proxy(cli.proxy, given_ids(&matches))
+}
+
+/// Runs the proxy (local or gateway mode) until it is stopped.
+fn run_proxy(args: ProxyArgs, given: Vec<String>) -> anyhow::Result<u8> {
+    let env = process_env(&args)?;
+    let config = load_config(&args, &given, &env)?;
+    if args.check_config {
         rds_iam_proxy::commands::check_config::run(&config)?;
         print!("{}", config.render());
         return Ok(0);
     }
     init_tracing(config.log_format, "info");
-    let args = cli.proxy.clone();
     let reloader: rds_iam_proxy::app::Reloader = Box::new(move || load_config(&args, &given, &env));
     // The main thread accepts, serves the admin listener and handles
     // signals; sessions run on the session workers (`--worker-threads`,

@@ -307,6 +307,7 @@ pub fn outcome(e: &ConnError) -> &'static str {
         ConnError::Upstream(_) | ConnError::LoginTimeout(_) => "upstream_failed",
         ConnError::Forward(_) => "forward_failed",
         ConnError::AuditUnavailable => "audit_unavailable",
+        ConnError::Gateway(_) => "gateway_refused",
     }
 }
 
@@ -316,6 +317,7 @@ fn auth_reason(e: &ConnError) -> Option<&'static str> {
         ConnError::Peer(_) => "local_peer_refused",
         ConnError::Upstream(UpstreamError::Refused(_)) => "server_refused",
         ConnError::Upstream(UpstreamError::UnexpectedAuth { .. }) => "unexpected_auth_method",
+        ConnError::Gateway(g) => g.reason(),
         _ => return None,
     })
 }

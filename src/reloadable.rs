@@ -14,8 +14,8 @@
 //! Start-only: everything that is built once at start, namely the
 //! endpoints, their listeners, upstream names and regions, the admin
 //! address, the AWS profile and identity source, the local-user allow
-//! list, the audit trail and password guard, the log format and the
-//! session workers.
+//! list, `allow_remote_clients`, the gateway settings, the audit trail and
+//! password guard, the log format and the session workers.
 
 use crate::config::{AdminConfig, Config, EndpointConfig};
 
@@ -27,6 +27,8 @@ pub fn start_only_changes(running: &Config, new: &Config) -> Vec<String> {
         profile,
         identity,
         allow_local_users,
+        allow_remote_clients,
+        gateway,
         audit,
         handshake_timeout: _,
         connect_timeout: _,
@@ -57,6 +59,11 @@ pub fn start_only_changes(running: &Config, new: &Config) -> Vec<String> {
         *allow_local_users == new.allow_local_users,
     );
     differs("audit", *audit == new.audit);
+    differs(
+        "allow_remote_clients",
+        *allow_remote_clients == new.allow_remote_clients,
+    );
+    differs("gateway", *gateway == new.gateway);
     differs(
         "admin.listen",
         admin.as_ref().map(admin_listen) == new.admin.as_ref().map(admin_listen),

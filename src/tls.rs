@@ -137,6 +137,25 @@ pub fn client_config(ca: &UpstreamCa) -> Result<Arc<ClientConfig>, TlsSetupError
     Ok(Arc::new(config))
 }
 
+/// The gateway's client configuration for STS (HTTPS): the system's
+/// trust store, as the AWS SDK uses. No ALPN: STS speaks HTTP/1.1.
+pub fn sts_client_config() -> Result<Arc<ClientConfig>, TlsSetupError> {
+    let mut roots = RootCertStore::empty();
+    for cert in rustls_native_certs::load_native_certs().certs {
+        let _ = roots.add(cert);
+    }
+    if roots.is_empty() {
+        return Err(TlsSetupError::EmptyRoots {
+            what: "(the system's trust store)".into(),
+        });
+    }
+    let config = ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Ok(Arc::new(config))
+}
+
 /// "TLSv1.3 TLS13_AES_256_GCM_SHA384"-style summary of a session.
 pub fn summary(conn: &rustls::CommonState) -> String {
     let version = conn

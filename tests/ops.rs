@@ -5,13 +5,12 @@
 mod support;
 
 use std::io::{BufRead, BufReader, Read, Write};
-use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use support::bed::{AwsHome, Bed, sso_setup, unique_temp_path};
-use support::proxy::{Proxy, clean_pg_env, run};
+use support::proxy::{Proxy, addr_after, clean_pg_env, http_get, metric, run};
 use support::raw;
 use tokio::io::AsyncWriteExt;
 use tokio_postgres::NoTls;
@@ -57,47 +56,6 @@ async fn session(
     );
     let (client, conn) = tokio_postgres::connect(&conninfo, NoTls).await?;
     Ok((client, tokio::spawn(conn)))
-}
-
-/// GET over plain HTTP/1.1; (status, body).
-fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
-    let mut s = std::net::TcpStream::connect(addr).unwrap();
-    s.set_read_timeout(Some(DEADLINE)).unwrap();
-    write!(s, "GET {path} HTTP/1.1\r\nHost: proxy\r\n\r\n").unwrap();
-    let mut resp = String::new();
-    s.read_to_string(&mut resp).unwrap();
-    let status = resp
-        .split(' ')
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or_else(|| panic!("no status in {resp:?}"));
-    let body = resp.split_once("\r\n\r\n").map(|(_, b)| b).unwrap_or("");
-    (status, body.to_owned())
-}
-
-/// A sample's value in a Prometheus text page (0 when absent: counters
-/// with labels appear at their first event).
-fn metric(page: &str, series: &str) -> f64 {
-    page.lines()
-        .filter(|l| !l.starts_with('#'))
-        .find_map(|l| {
-            let (name, value) = l.rsplit_once(' ')?;
-            (name == series).then(|| value.parse().unwrap())
-        })
-        .unwrap_or(0.0)
-}
-
-/// Address in a log line "PHRASE ADDR".
-fn addr_after(log: &str, phrase: &str) -> Option<SocketAddr> {
-    log.lines()
-        .filter_map(|l| l.split(phrase).nth(1))
-        .filter_map(|r| r.split_whitespace().next())
-        .find_map(|a| a.parse().ok())
-}
-
-fn admin_addr(proxy: &Proxy) -> SocketAddr {
-    let log = proxy.wait_for_log("admin HTTP on ", DEADLINE);
-    addr_after(&log, "admin HTTP on ").expect("admin address in the log")
 }
 
 /// Polls `f` until it returns Some, with a deadline.
@@ -259,7 +217,7 @@ async fn health_endpoints_and_metrics_follow_what_happens() {
         .arg("--max-connections", "1")
         .arg("--worker-threads", "2")
         .start();
-    let admin = admin_addr(&proxy);
+    let admin = proxy.admin_addr();
     assert_eq!(http_get(admin, "/startup").0, 200);
     assert_eq!(http_get(admin, "/liveness").0, 200);
     let (status, body) = http_get(admin, "/readiness");
@@ -374,7 +332,7 @@ fn readiness_needs_credentials() {
     let proxy = Proxy::builder(bed, &home)
         .arg("--admin-listen", "127.0.0.1:0")
         .start();
-    let admin = admin_addr(&proxy);
+    let admin = proxy.admin_addr();
     assert_eq!(http_get(admin, "/startup").0, 200);
     assert_eq!(http_get(admin, "/liveness").0, 200);
     let (status, body) = http_get(admin, "/readiness");
@@ -429,7 +387,7 @@ async fn idle_sockets_take_no_session_slots() {
         .arg("--handshake-timeout", "60s")
         .arg("--admin-listen", "127.0.0.1:0")
         .start();
-    let admin = admin_addr(&proxy);
+    let admin = proxy.admin_addr();
     let gauge = || {
         metric(
             &http_get(admin, "/metrics").1,
@@ -493,7 +451,7 @@ fn a_silent_client_is_cut_at_the_handshake_timeout() {
         .arg("--handshake-timeout", "1s")
         .arg("--admin-listen", "127.0.0.1:0")
         .start();
-    let admin = admin_addr(&proxy);
+    let admin = proxy.admin_addr();
     let mut s = std::net::TcpStream::connect(proxy.addr).unwrap();
     s.set_read_timeout(Some(DEADLINE)).unwrap();
     let mut buf = [0u8; 16];
@@ -519,7 +477,7 @@ async fn sigterm_drains_then_ends_sessions_with_57p01() {
         .arg("--max-sigterm-delay", "3s")
         .arg("--admin-listen", "127.0.0.1:0")
         .start();
-    let admin = admin_addr(&proxy);
+    let admin = proxy.admin_addr();
     let port = proxy.addr.port();
     let (client, conn) = session(port, "opsdrain").await.unwrap();
     // A psql session, idle at its prompt (stdin stays open).

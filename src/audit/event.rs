@@ -44,6 +44,9 @@ pub struct SessionStart {
     pub backend_start_window: Option<(SystemTime, SystemTime)>,
     /// DAS `sessionId` (`%c`) as estimated from the window.
     pub session_id: Option<String>,
+    /// Gateway mode: the gateway's id (the person, ARN and access key id
+    /// above are what the client's proof showed).
+    pub gateway_id: Option<String>,
 }
 
 /// A refused connection.

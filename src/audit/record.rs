@@ -6,6 +6,7 @@ use std::time::{Instant, SystemTime};
 use super::event::{Denial, Event, SessionEnd, SessionStart};
 use crate::error::ConnError;
 use crate::forward::{Ending, ForwardError, Traffic};
+use crate::gateway::login::GatewayError;
 use crate::handshake::HandshakeError;
 use crate::identity::IdentityError;
 
@@ -34,6 +35,13 @@ pub fn denial(
         ConnError::Upstream(_) | ConnError::LoginTimeout(_) => "upstream_unavailable",
         ConnError::AuditUnavailable => "audit_unavailable",
         ConnError::Forward(_) => "protocol_violation",
+        ConnError::Gateway(
+            GatewayError::TooManySessions { .. } | GatewayError::SourceBlocked(_),
+        ) => "too_many_connections",
+        ConnError::Gateway(GatewayError::Refused(
+            crate::gateway::GatewayRefusal::NotYourUser { .. },
+        )) => "identity_mismatch",
+        ConnError::Gateway(_) => "gateway_proof_refused",
     };
     Event::Denial(Box::new(Denial {
         conn,

@@ -552,7 +552,8 @@ impl Writer {
                         o.time("backend_started_after", after)
                             .time("backend_started_before", before);
                     }
-                    o.opt_str("session_id", s.session_id.as_deref());
+                    o.opt_str("session_id", s.session_id.as_deref())
+                        .opt_str("gateway_id", s.gateway_id.as_deref());
                 },
             ),
             Event::Denial(d) => {

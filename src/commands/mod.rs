@@ -5,6 +5,7 @@ pub mod audit;
 pub mod check_config;
 pub mod connect;
 pub mod doctor;
+pub mod gateway_password;
 pub mod policy;
 pub mod token;
 pub mod whoami;

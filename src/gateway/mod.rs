@@ -11,12 +11,15 @@
 //! no `rds-db:connect` permission: the cluster's IAM policy keeps deciding
 //! per person.
 
+pub mod config;
+pub mod login;
 pub mod proof;
 pub mod sts;
 
-use std::collections::{HashSet, VecDeque};
-use std::sync::Mutex;
-use std::time::SystemTime;
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::net::IpAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
 
 use thiserror::Error;
 
@@ -48,7 +51,7 @@ impl Trust {
         if caller.arn.split(':').nth(4) != Some(caller.account.as_str()) {
             return Err(Untrusted::NotARole);
         }
-        if !self.accounts.iter().any(|a| *a == caller.account) {
+        if !self.accounts.contains(&caller.account) {
             return Err(Untrusted::Account);
         }
         let matches = |pattern: &String| match pattern.strip_suffix('*') {
@@ -59,10 +62,10 @@ impl Trust {
             return Err(Untrusted::Role);
         }
         // UserId is ROLEID:SESSION for an assumed role.
-        if !caller
+        if caller
             .user_id
             .split_once(':')
-            .is_some_and(|(_, s)| s == session)
+            .is_none_or(|(_, s)| s != session)
         {
             return Err(Untrusted::NotARole);
         }
@@ -181,6 +184,144 @@ pub enum GatewayRefusal {
     NotYourUser { requested: String, person: String },
 }
 
+/// Sessions per person at once. A place is held by a [`PersonPlace`]
+/// and given back when it drops.
+#[derive(Debug, Default)]
+pub struct PersonSessions {
+    counts: Mutex<HashMap<String, usize>>,
+}
+
+impl PersonSessions {
+    /// A place for one more session of `person`, if under `limit`.
+    pub fn enter(self: &Arc<Self>, person: &str, limit: usize) -> Option<PersonPlace> {
+        let mut counts = self.counts.lock().unwrap_or_else(|p| p.into_inner());
+        let n = counts.entry(person.to_owned()).or_default();
+        if *n >= limit {
+            return None;
+        }
+        *n += 1;
+        Some(PersonPlace {
+            sessions: self.clone(),
+            person: person.to_owned(),
+        })
+    }
+}
+
+/// One person's session place.
+#[derive(Debug)]
+pub struct PersonPlace {
+    sessions: Arc<PersonSessions>,
+    person: String,
+}
+
+impl Drop for PersonPlace {
+    fn drop(&mut self) {
+        let mut counts = self
+            .sessions
+            .counts
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = counts.get_mut(&self.person) {
+            *n -= 1;
+            if *n == 0 {
+                counts.remove(&self.person);
+            }
+        }
+    }
+}
+
+/// Refused proofs per client address in the current minute. Bounded: past
+/// `MAX_SOURCES` addresses, the oldest windows are dropped first.
+#[derive(Debug, Default)]
+pub struct FailedProofs {
+    windows: Mutex<HashMap<IpAddr, (Instant, u32)>>,
+}
+
+/// Addresses tracked at once.
+const MAX_SOURCES: usize = 100_000;
+const WINDOW: Duration = Duration::from_secs(60);
+
+impl FailedProofs {
+    /// True when `source` has `limit` refusals in its current minute.
+    pub fn blocked(&self, source: IpAddr, limit: u32, now: Instant) -> bool {
+        let windows = self.windows.lock().unwrap_or_else(|p| p.into_inner());
+        windows
+            .get(&source)
+            .is_some_and(|(start, n)| now.duration_since(*start) < WINDOW && *n >= limit)
+    }
+
+    /// Counts one refusal.
+    pub fn refused(&self, source: IpAddr, now: Instant) {
+        let mut windows = self.windows.lock().unwrap_or_else(|p| p.into_inner());
+        if windows.len() >= MAX_SOURCES && !windows.contains_key(&source) {
+            windows.retain(|_, (start, _)| now.duration_since(*start) < WINDOW);
+            if windows.len() >= MAX_SOURCES {
+                // Every window is current: forget one rather than grow.
+                if let Some(k) = windows.keys().next().copied() {
+                    windows.remove(&k);
+                }
+            }
+        }
+        let w = windows.entry(source).or_insert((now, 0));
+        if now.duration_since(w.0) >= WINDOW {
+            *w = (now, 0);
+        }
+        w.1 = w.1.saturating_add(1);
+    }
+}
+
+/// Gateway mode at run time: built once at start, shared by every
+/// connection.
+#[derive(Debug)]
+pub struct Gateway {
+    /// This gateway's id, which proofs are signed for.
+    pub id: String,
+    /// The region whose STS verifies proofs.
+    pub sts_region: String,
+    pub verifier: Verifier,
+    pub sessions: Arc<PersonSessions>,
+    pub failures: FailedProofs,
+    pub max_sessions_per_person: usize,
+    pub max_failed_proofs_per_source: u32,
+}
+
+/// Proofs remembered at once: 200 logins a second (the cluster's own IAM
+/// throttle) for the 20 minutes a proof stays usable is 240,000.
+pub const REPLAY_CAPACITY: usize = 1_000_000;
+
+impl Gateway {
+    pub fn new(
+        config: &config::GatewayConfig,
+        sts_region: String,
+        tls: Option<Arc<rustls::ClientConfig>>,
+    ) -> Self {
+        let dial = config
+            .sts_endpoint_url
+            .as_deref()
+            .map(|u| sts::Dial::parse(u).expect("validated with the configuration"));
+        Self {
+            id: config.id.clone(),
+            sts_region,
+            verifier: Verifier {
+                trust: Trust {
+                    accounts: config.trust_accounts.clone(),
+                    roles: config.trust_roles.clone(),
+                },
+                sts: StsEndpoint {
+                    dial,
+                    tls,
+                    timeout: config.sts_timeout,
+                },
+                replay: ReplaySet::new(REPLAY_CAPACITY),
+            },
+            sessions: Arc::default(),
+            failures: FailedProofs::default(),
+            max_sessions_per_person: config.max_sessions_per_person,
+            max_failed_proofs_per_source: config.max_failed_proofs_per_source,
+        }
+    }
+}
+
 /// Everything a gateway needs to prove a person, shared by all connections.
 #[derive(Debug)]
 pub struct Verifier {
@@ -226,7 +367,6 @@ impl Verifier {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::time::Duration;
 
     fn caller(arn: &str, user_id: &str) -> Caller {
         Caller {
@@ -307,5 +447,31 @@ mod tests {
         let later = t0 + proof::MAX_AGE + proof::MAX_SKEW;
         assert_eq!(set.first_use("c", later, later), Ok(()));
         assert_eq!(set.len(), 1);
+    }
+
+    #[test]
+    fn person_places_come_back_when_sessions_end() {
+        let sessions = Arc::new(PersonSessions::default());
+        let a = sessions.enter("arianna", 2).unwrap();
+        let b = sessions.enter("arianna", 2).unwrap();
+        assert!(sessions.enter("arianna", 2).is_none());
+        assert!(sessions.enter("bob", 2).is_some());
+        drop(a);
+        assert!(sessions.enter("arianna", 2).is_some());
+        drop(b);
+    }
+
+    #[test]
+    fn failed_proofs_block_a_source_for_the_rest_of_its_minute() {
+        let f = FailedProofs::default();
+        let ip: IpAddr = "192.0.2.7".parse().unwrap();
+        let t0 = Instant::now();
+        for _ in 0..3 {
+            assert!(!f.blocked(ip, 3, t0));
+            f.refused(ip, t0);
+        }
+        assert!(f.blocked(ip, 3, t0 + Duration::from_secs(59)));
+        assert!(!f.blocked("192.0.2.8".parse().unwrap(), 3, t0));
+        assert!(!f.blocked(ip, 3, t0 + WINDOW));
     }
 }

@@ -31,8 +31,9 @@ pub struct StsEndpoint {
     /// endpoints and the test bed), dialled instead; the `host` header
     /// stays the signed STS host.
     pub dial: Option<Dial>,
-    /// Roots for `https` (the system's store).
-    pub tls: Arc<rustls::ClientConfig>,
+    /// Roots for `https` (the system's store); `None` only when the
+    /// override is `http://`.
+    pub tls: Option<Arc<rustls::ClientConfig>>,
     pub timeout: Duration,
 }
 
@@ -138,7 +139,11 @@ async fn ask(ep: &StsEndpoint, call: &StsCall) -> Result<Caller, StsError> {
     let answer = if https {
         let name =
             rustls_pki_types::ServerName::try_from(host.to_owned()).map_err(|e| unavailable(&e))?;
-        let tls = tokio_rustls::TlsConnector::from(ep.tls.clone())
+        let config = ep
+            .tls
+            .clone()
+            .ok_or_else(|| unavailable(&"no trust store for https"))?;
+        let tls = tokio_rustls::TlsConnector::from(config)
             .connect(name, tcp)
             .await
             .map_err(|e| unavailable(&format_args!("TLS with {host}: {e}")))?;

@@ -47,6 +47,10 @@ pub enum SourceKind {
     Saml,
     /// Workload role (no person): only the --allow-db-user names.
     Workload,
+    /// Gateway mode: each client proved who they are with their own AWS
+    /// session (never chosen with --identity-source).
+    #[value(skip)]
+    Gateway,
 }
 
 impl SourceKind {
@@ -55,6 +59,7 @@ impl SourceKind {
             SourceKind::Sso => "AWS SSO / IAM Identity Center",
             SourceKind::Saml => "SAML assertion",
             SourceKind::Workload => "workload role",
+            SourceKind::Gateway => "gateway proof",
         }
     }
 
@@ -64,6 +69,7 @@ impl SourceKind {
             SourceKind::Sso => "sso",
             SourceKind::Saml => "saml",
             SourceKind::Workload => "workload",
+            SourceKind::Gateway => "gateway",
         }
     }
 }
@@ -261,7 +267,9 @@ impl IdentityService {
         // assertion by itself.
         let reload = reload(options.profile.clone(), sdk.region().map(|r| r.to_string()));
         let (source, chain, rebuild) = match options.kind {
-            SourceKind::Sso => {
+            // A gateway never asks its own identity service (each client
+            // brings a proof); it gets the default one, unused.
+            SourceKind::Sso | SourceKind::Gateway => {
                 let home = std::env::var_os("HOME").map(PathBuf::from);
                 let config_file = std::env::var_os("AWS_CONFIG_FILE")
                     .map(PathBuf::from)

@@ -78,6 +78,12 @@ pub fn write_backend_key(out: &mut BytesMut, pid: u32, secret: &[u8]) {
     });
 }
 
+/// Appends an authentication request (`AuthenticationXxx` with no data,
+/// e.g. [`auth::CLEARTEXT_PASSWORD`]).
+pub fn write_auth_request(out: &mut BytesMut, code: u32) {
+    write_message(out, b'R', |b| b.put_u32(code));
+}
+
 /// Appends a PasswordMessage carrying `password`.
 pub fn write_password(out: &mut BytesMut, password: &str) {
     write_message(out, b'p', |b| {

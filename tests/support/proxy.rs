@@ -32,6 +32,7 @@ pub struct Proxy {
 /// Builds a proxy command line for the bed.
 pub struct ProxyBuilder {
     cmd: Command,
+    subcommand: Option<&'static str>,
     args: Vec<(String, std::ffi::OsString)>,
     state_dir: PathBuf,
     unix_dir: Option<PathBuf>,
@@ -64,6 +65,7 @@ impl ProxyBuilder {
         ];
         ProxyBuilder {
             cmd,
+            subcommand: None,
             args: args.into_iter().map(|(k, v)| (k.to_owned(), v)).collect(),
             state_dir,
             unix_dir: None,
@@ -86,6 +88,12 @@ impl ProxyBuilder {
         self
     }
 
+    /// Runs `rds-iam-proxy NAME` (e.g. `gateway`) instead of the proxy.
+    pub fn subcommand(mut self, name: &'static str) -> Self {
+        self.subcommand = Some(name);
+        self
+    }
+
     /// Drops a default flag.
     pub fn without(mut self, flag: &str) -> Self {
         self.args.retain(|(k, _)| k != flag);
@@ -101,6 +109,20 @@ impl ProxyBuilder {
     }
 
     pub fn start(mut self) -> Proxy {
+        if let Some(sub) = self.subcommand {
+            // Before every flag; `--unix-socket` may already be on the line.
+            let before: Vec<std::ffi::OsString> =
+                self.cmd.get_args().map(|a| a.to_owned()).collect();
+            let mut cmd = Command::new(self.cmd.get_program());
+            for (k, v) in self.cmd.get_envs() {
+                match v {
+                    Some(v) => cmd.env(k, v),
+                    None => cmd.env_remove(k),
+                };
+            }
+            cmd.arg(sub).args(before);
+            self.cmd = cmd;
+        }
         for (k, v) in &self.args {
             self.cmd.arg(k).arg(v);
         }
@@ -182,6 +204,12 @@ impl Proxy {
         }
     }
 
+    /// The admin listener's address (with `--admin-listen`).
+    pub fn admin_addr(&self) -> SocketAddr {
+        let log = self.wait_for_log("admin HTTP on ", READY_DEADLINE);
+        addr_after(&log, "admin HTTP on ").expect("admin address in the log")
+    }
+
     /// A rustls client configuration that trusts the proxy's CA.
     pub fn tls_config(&self) -> rustls::ClientConfig {
         use rustls_pki_types::pem::PemObject;
@@ -261,6 +289,43 @@ impl Proxy {
         cmd.stdin(Stdio::null());
         cmd
     }
+}
+
+/// GET over plain HTTP/1.1 (the admin listener); (status, body).
+pub fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(READY_DEADLINE)).unwrap();
+    write!(s, "GET {path} HTTP/1.1\r\nHost: proxy\r\n\r\n").unwrap();
+    let mut resp = String::new();
+    s.read_to_string(&mut resp).unwrap();
+    let status = resp
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or_else(|| panic!("no status in {resp:?}"));
+    let body = resp.split_once("\r\n\r\n").map(|(_, b)| b).unwrap_or("");
+    (status, body.to_owned())
+}
+
+/// A sample's value in a Prometheus text page (0 when absent: counters
+/// with labels appear at their first event).
+pub fn metric(page: &str, series: &str) -> f64 {
+    page.lines()
+        .filter(|l| !l.starts_with('#'))
+        .find_map(|l| {
+            let (name, value) = l.rsplit_once(' ')?;
+            (name == series).then(|| value.parse().unwrap())
+        })
+        .unwrap_or(0.0)
+}
+
+/// Address in a log line "PHRASE ADDR".
+pub fn addr_after(log: &str, phrase: &str) -> Option<SocketAddr> {
+    log.lines()
+        .filter_map(|l| l.split(phrase).nth(1))
+        .filter_map(|r| r.split_whitespace().next())
+        .find_map(|a| a.parse().ok())
 }
 
 /// Removes inherited PG* variables so only the test's settings count.

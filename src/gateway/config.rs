@@ -1,0 +1,300 @@
+//! Gateway settings: the `gateway` subcommand's flags, the `[gateway]`
+//! table, and the validated [`GatewayConfig`] (flag over file over default,
+//! like every other setting).
+
+use std::time::Duration;
+
+use clap::Args;
+use serde::Deserialize;
+
+use crate::cli::parse_duration;
+use crate::config::{ConfigError, Given};
+
+/// Roles trusted when none are given: IAM Identity Center permission
+/// sets, whose trust policy admits federation alone, so that the session
+/// name is the person's Identity Center user name.
+pub const DEFAULT_TRUSTED_ROLE: &str = "AWSReservedSSO_*";
+
+/// The gateway's flags (`rds-iam-proxy gateway`).
+#[derive(Debug, Clone, Args, Default)]
+#[command(next_help_heading = "Gateway mode (rds-iam-proxy gateway)")]
+pub struct GatewayArgs {
+    /// This gateway's id: every proof must be signed for it. Use the name
+    /// clients reach the gateway by (the name in its certificate), which is
+    /// what clients sign for by default. Required in gateway mode.
+    #[arg(long, env = "RDS_IAM_PROXY_GATEWAY_ID", value_name = "ID")]
+    pub gateway_id: Option<String>,
+
+    /// An AWS account (12 digits) whose people may log in through the
+    /// gateway; repeat for several. Required in gateway mode.
+    #[arg(
+        long,
+        env = "RDS_IAM_PROXY_TRUST_ACCOUNT",
+        value_name = "ACCOUNT_ID",
+        value_delimiter = ','
+    )]
+    pub trust_account: Vec<String>,
+
+    /// A role people may come from: an exact role name, or a prefix ending
+    /// in `*`; repeat for several [default: AWSReservedSSO_* (IAM Identity
+    /// Center permission sets)]. The person is the role session's name, so
+    /// trust only roles whose session name the person cannot choose.
+    #[arg(
+        long,
+        env = "RDS_IAM_PROXY_TRUST_ROLE",
+        value_name = "ROLE",
+        value_delimiter = ','
+    )]
+    pub trust_role: Vec<String>,
+
+    /// The region whose STS endpoint verifies proofs [default: the first
+    /// endpoint's region]. Clients sign their proofs for it.
+    #[arg(long, env = "RDS_IAM_PROXY_STS_REGION", value_name = "REGION")]
+    pub sts_region: Option<String>,
+
+    /// Dial this URL for STS instead of https://sts.REGION.amazonaws.com
+    /// (an interface VPC endpoint; http:// only for a local test bed). The
+    /// request still names the regional STS host, which the signature
+    /// covers.
+    #[arg(long, env = "RDS_IAM_PROXY_STS_ENDPOINT_URL", value_name = "URL")]
+    pub sts_endpoint_url: Option<String>,
+
+    /// Time STS has to answer a proof.
+    #[arg(long, env = "RDS_IAM_PROXY_STS_TIMEOUT", value_name = "DURATION", default_value = "5s", value_parser = parse_duration)]
+    pub sts_timeout: Duration,
+
+    /// Most sessions at once for one person (53300 beyond it).
+    #[arg(
+        long,
+        env = "RDS_IAM_PROXY_MAX_SESSIONS_PER_PERSON",
+        value_name = "N",
+        default_value_t = 20
+    )]
+    pub max_sessions_per_person: usize,
+
+    /// Most refused proofs from one client address per minute; beyond it
+    /// that address is refused at once, without asking STS.
+    #[arg(
+        long,
+        env = "RDS_IAM_PROXY_MAX_FAILED_PROOFS_PER_SOURCE",
+        value_name = "N",
+        default_value_t = 10
+    )]
+    pub max_failed_proofs_per_source: u32,
+}
+
+/// The `[gateway]` table: the flags above without their prefix.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GatewayFile {
+    pub id: Option<String>,
+    pub trust_accounts: Option<Vec<String>>,
+    pub trust_roles: Option<Vec<String>>,
+    pub sts_region: Option<String>,
+    pub sts_endpoint_url: Option<String>,
+    pub sts_timeout: Option<String>,
+    pub max_sessions_per_person: Option<usize>,
+    pub max_failed_proofs_per_source: Option<u32>,
+}
+
+/// Gateway mode's validated settings. All start-only.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GatewayConfig {
+    pub id: String,
+    pub trust_accounts: Vec<String>,
+    pub trust_roles: Vec<String>,
+    /// `None`: the first endpoint's region, known once the AWS
+    /// configuration is loaded.
+    pub sts_region: Option<String>,
+    pub sts_endpoint_url: Option<String>,
+    pub sts_timeout: Duration,
+    pub max_sessions_per_person: usize,
+    pub max_failed_proofs_per_source: u32,
+}
+
+/// Flags given without gateway mode are an error, not ignored.
+const SERVER_FLAGS: &[&str] = &[
+    "trust_account",
+    "trust_role",
+    "sts_region",
+    "sts_endpoint_url",
+    "sts_timeout",
+    "max_sessions_per_person",
+    "max_failed_proofs_per_source",
+];
+
+/// Merges the gateway flags over the `[gateway]` table. `mode` is true for
+/// `rds-iam-proxy gateway`; otherwise neither may be given.
+pub fn merge(
+    mode: bool,
+    cli: &GatewayArgs,
+    given: Given<'_>,
+    file: Option<&GatewayFile>,
+    fk: &dyn Fn(&str) -> String,
+) -> Result<Option<GatewayConfig>, ConfigError> {
+    if !mode {
+        if let Some(flag) = SERVER_FLAGS.iter().find(|k| given(k)) {
+            return Err(ConfigError::Conflict {
+                key: format!("--{}", flag.replace('_', "-")),
+                problem: "applies to gateway mode only: run `rds-iam-proxy gateway`".into(),
+            });
+        }
+        if file.is_some() {
+            return Err(ConfigError::Conflict {
+                key: fk("[gateway]"),
+                problem: "the [gateway] table applies to gateway mode only: run `rds-iam-proxy gateway`, or remove the table".into(),
+            });
+        }
+        return Ok(None);
+    }
+    let f = file.map_or_else(GatewayFile::default, |f| GatewayFile {
+        id: f.id.clone(),
+        trust_accounts: f.trust_accounts.clone(),
+        trust_roles: f.trust_roles.clone(),
+        sts_region: f.sts_region.clone(),
+        sts_endpoint_url: f.sts_endpoint_url.clone(),
+        sts_timeout: f.sts_timeout.clone(),
+        max_sessions_per_person: f.max_sessions_per_person,
+        max_failed_proofs_per_source: f.max_failed_proofs_per_source,
+    });
+    let list = |flag: &str, cli: &[String], file: Option<Vec<String>>| {
+        if given(flag) || file.is_none() {
+            cli.to_vec()
+        } else {
+            file.unwrap_or_default()
+        }
+    };
+    let id = match (&cli.gateway_id, f.id) {
+        (Some(id), _) => id.clone(),
+        (None, Some(id)) => id,
+        (None, None) => {
+            return Err(ConfigError::Conflict {
+                key: "--gateway-id".into(),
+                problem: "gateway mode needs this gateway's id: the name clients reach it by, which their proofs are signed for".into(),
+            });
+        }
+    };
+    if id.is_empty() || id.len() > 255 || id.bytes().any(|b| !(b.is_ascii_graphic())) {
+        return Err(ConfigError::BadValue {
+            key: fk("gateway_id"),
+            value: id,
+            problem: "one word of printable ASCII, at most 255 bytes (a host name)".into(),
+        });
+    }
+    let trust_accounts = list("trust_account", &cli.trust_account, f.trust_accounts);
+    if trust_accounts.is_empty() {
+        return Err(ConfigError::Conflict {
+            key: "--trust-account".into(),
+            problem: "gateway mode needs at least one AWS account whose people may log in".into(),
+        });
+    }
+    if let Some(bad) = trust_accounts
+        .iter()
+        .find(|a| a.len() != 12 || !a.bytes().all(|b| b.is_ascii_digit()))
+    {
+        return Err(ConfigError::BadValue {
+            key: fk("trust_accounts"),
+            value: bad.clone(),
+            problem: "an AWS account id is 12 digits".into(),
+        });
+    }
+    let mut trust_roles = list("trust_role", &cli.trust_role, f.trust_roles);
+    if trust_roles.is_empty() {
+        trust_roles.push(DEFAULT_TRUSTED_ROLE.into());
+    }
+    if let Some(bad) = trust_roles.iter().find(|r| {
+        let name = r.strip_suffix('*').unwrap_or(r);
+        name.is_empty()
+            || name.contains('*')
+            || !name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"+=,.@_-".contains(&b))
+    }) {
+        return Err(ConfigError::BadValue {
+            key: fk("trust_roles"),
+            value: bad.clone(),
+            problem: "a role name, or a non-empty prefix of one followed by *".into(),
+        });
+    }
+    let sts_region = cli.sts_region.clone().or(f.sts_region);
+    let sts_endpoint_url = cli.sts_endpoint_url.clone().or(f.sts_endpoint_url);
+    if let Some(url) = &sts_endpoint_url {
+        super::sts::Dial::parse(url).map_err(|problem| ConfigError::BadValue {
+            key: fk("sts_endpoint_url"),
+            value: url.clone(),
+            problem,
+        })?;
+    }
+    let sts_timeout = match f.sts_timeout {
+        Some(v) if !given("sts_timeout") => {
+            parse_duration(&v).map_err(|problem| ConfigError::BadValue {
+                key: fk("sts_timeout"),
+                value: v.clone(),
+                problem,
+            })?
+        }
+        _ => cli.sts_timeout,
+    };
+    let pick = |flag: &str, cli: usize, file: Option<usize>| match file {
+        Some(v) if !given(flag) => v,
+        _ => cli,
+    };
+    let max_sessions_per_person = pick(
+        "max_sessions_per_person",
+        cli.max_sessions_per_person,
+        f.max_sessions_per_person,
+    );
+    let max_failed_proofs_per_source = match f.max_failed_proofs_per_source {
+        Some(v) if !given("max_failed_proofs_per_source") => v,
+        _ => cli.max_failed_proofs_per_source,
+    };
+    for (key, zero) in [
+        ("sts_timeout", sts_timeout.is_zero()),
+        ("max_sessions_per_person", max_sessions_per_person == 0),
+        (
+            "max_failed_proofs_per_source",
+            max_failed_proofs_per_source == 0,
+        ),
+    ] {
+        if zero {
+            return Err(ConfigError::BadValue {
+                key: fk(key),
+                value: "0".into(),
+                problem: "must be more than zero".into(),
+            });
+        }
+    }
+    Ok(Some(GatewayConfig {
+        id,
+        trust_accounts,
+        trust_roles,
+        sts_region,
+        sts_endpoint_url,
+        sts_timeout,
+        max_sessions_per_person,
+        max_failed_proofs_per_source,
+    }))
+}
+
+/// The `[gateway]` table of `--print-config`.
+pub fn render(g: &GatewayConfig, s: &mut String, q: &dyn Fn(&str) -> String) {
+    use std::fmt::Write as _;
+    let list = |v: &[String]| v.iter().map(|x| q(x)).collect::<Vec<_>>().join(", ");
+    let _ = writeln!(s, "\n[gateway]");
+    let _ = writeln!(s, "id = {}", q(&g.id));
+    let _ = writeln!(s, "trust_accounts = [{}]", list(&g.trust_accounts));
+    let _ = writeln!(s, "trust_roles = [{}]", list(&g.trust_roles));
+    if let Some(r) = &g.sts_region {
+        let _ = writeln!(s, "sts_region = {}", q(r));
+    }
+    if let Some(u) = &g.sts_endpoint_url {
+        let _ = writeln!(s, "sts_endpoint_url = {}", q(u));
+    }
+    let _ = writeln!(s, "sts_timeout = \"{}ms\"", g.sts_timeout.as_millis());
+    let _ = writeln!(s, "max_sessions_per_person = {}", g.max_sessions_per_person);
+    let _ = writeln!(
+        s,
+        "max_failed_proofs_per_source = {}",
+        g.max_failed_proofs_per_source
+    );
+}
