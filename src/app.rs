@@ -92,6 +92,12 @@ pub struct EndpointContext {
     pub name: String,
     /// `host:port` of the upstream, for messages.
     pub upstream_name: String,
+    /// The cluster endpoint tokens are signed for (the upstream's name,
+    /// or the cluster behind the gateway).
+    pub cluster_host: String,
+    pub cluster_port: u16,
+    /// Through a gateway: the id proofs are signed for.
+    pub gateway_id: Option<String>,
     pub region: String,
     live: ArcSwap<EndpointTls>,
 }
@@ -151,16 +157,27 @@ pub fn endpoint_tls(e: &EndpointConfig, config: &Config) -> Result<EndpointTls, 
             tls::server_config(&ca.cert, &ca.key).map_err(StartError::ClientTls)?
         }
     };
-    let upstream_tls = tls::client_config(&e.upstream_ca).map_err(StartError::UpstreamCa)?;
-    Ok(EndpointTls {
-        server_tls,
-        endpoint: Arc::new(Endpoint {
+    // Through a gateway, the gateway is the upstream the proxy dials and
+    // verifies; tokens are still signed for the cluster (EndpointContext).
+    let endpoint = match &e.gateway {
+        Some(g) => Endpoint {
+            host: g.host.clone(),
+            port: g.port,
+            connect_to: None,
+            connect_timeout: config.connect_timeout,
+            tls: tls::client_config(&g.ca).map_err(StartError::UpstreamCa)?,
+        },
+        None => Endpoint {
             host: e.upstream_host.clone(),
             port: e.upstream_port,
             connect_to: e.connect_to.clone(),
             connect_timeout: config.connect_timeout,
-            tls: upstream_tls,
-        }),
+            tls: tls::client_config(&e.upstream_ca).map_err(StartError::UpstreamCa)?,
+        },
+    };
+    Ok(EndpointTls {
+        server_tls,
+        endpoint: Arc::new(endpoint),
     })
 }
 
@@ -196,7 +213,18 @@ pub async fn build(
         }
         endpoints.push(Arc::new(EndpointContext {
             name: e.name.clone(),
-            upstream_name: e.upstream_name(),
+            upstream_name: match &e.gateway {
+                Some(g) => format!(
+                    "{} (through the gateway {}:{})",
+                    e.upstream_name(),
+                    g.host,
+                    g.port
+                ),
+                None => e.upstream_name(),
+            },
+            cluster_host: e.upstream_host.clone(),
+            cluster_port: e.upstream_port,
+            gateway_id: e.gateway.as_ref().map(|g| g.id.clone()),
             region,
             live: ArcSwap::from_pointee(live),
         }));

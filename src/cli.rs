@@ -261,6 +261,18 @@ pub struct ProxyArgs {
     #[arg(long, env = "RDS_IAM_PROXY_CONNECT_TO", value_name = "HOST:PORT")]
     pub connect_to: Option<String>,
 
+    /// Reach the cluster through this rds-iam-proxy gateway (HOST:PORT, a
+    /// shared bastion) instead of dialling it: each connection proves who
+    /// you are to the gateway with your own AWS session, and the token is
+    /// still signed here, by you. Every local check stays.
+    #[arg(long, env = "RDS_IAM_PROXY_GATEWAY", value_name = "HOST:PORT")]
+    pub gateway: Option<String>,
+
+    /// PEM bundle of CAs trusted for the gateway's certificate [default:
+    /// the system's trust store].
+    #[arg(long, env = "RDS_IAM_PROXY_GATEWAY_CA", value_name = "PEM")]
+    pub gateway_ca: Option<PathBuf>,
+
     /// PEM bundle of CAs trusted for the upstream certificate [default:
     /// the Amazon RDS global bundle built into the binary].
     #[arg(long, env = "RDS_IAM_PROXY_UPSTREAM_CA", value_name = "PEM")]
@@ -285,7 +297,7 @@ pub struct ProxyArgs {
     pub audit: AuditArgs,
 
     #[command(flatten)]
-    pub gateway: crate::gateway::config::GatewayArgs,
+    pub gateway_server: crate::gateway::config::GatewayArgs,
 
     /// Set by `rds-iam-proxy gateway`, never by a flag.
     #[arg(skip)]

@@ -109,6 +109,19 @@ pub struct EndpointConfig {
     /// Directory for the unix socket.
     pub unix_socket: Option<PathBuf>,
     pub client_tls: ClientTls,
+    /// Reach the cluster through an rds-iam-proxy gateway, if any.
+    pub gateway: Option<ViaGateway>,
+}
+
+/// The gateway a local proxy reaches its cluster through.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ViaGateway {
+    pub host: String,
+    pub port: u16,
+    /// The id proofs are signed for [default: `host`].
+    pub id: String,
+    /// CAs for the gateway's certificate [default: the system's store].
+    pub ca: UpstreamCa,
 }
 
 /// The admin HTTP listener.
@@ -230,6 +243,9 @@ pub struct EndpointFile {
     pub tls_cert: Option<PathBuf>,
     pub tls_key: Option<PathBuf>,
     pub region: Option<String>,
+    pub gateway: Option<String>,
+    pub gateway_id: Option<String>,
+    pub gateway_ca: Option<PathBuf>,
 }
 
 /// Facts from the process's environment, passed in so loading stays
@@ -271,6 +287,8 @@ const ENDPOINT_FLAGS: &[&str] = &[
     "upstream_ca",
     "tls_cert",
     "tls_key",
+    "gateway",
+    "gateway_ca",
 ];
 
 impl Config {
@@ -555,6 +573,57 @@ impl Config {
                     });
                 }
             };
+            let gateway = match (&cli.gateway, &e.gateway) {
+                (Some(g), _) if flag("gateway") || e.gateway.is_none() => {
+                    Some(("--gateway".to_owned(), g.clone()))
+                }
+                (_, Some(g)) => Some((key("gateway"), g.clone())),
+                _ => None,
+            };
+            let gateway = match gateway {
+                None => None,
+                Some(_) if cli.gateway_mode => {
+                    return Err(ConfigError::Conflict {
+                        key: key("gateway"),
+                        problem:
+                            "a gateway dials the cluster itself: --gateway is for a local proxy"
+                                .into(),
+                    });
+                }
+                Some(_) if connect_to.is_some() => {
+                    return Err(ConfigError::Conflict {
+                        key: key("gateway"),
+                        problem: "dials the gateway, so --connect-to has no place beside it".into(),
+                    });
+                }
+                Some((k, g)) => {
+                    let (gh, gp) = split_host_port(&g, DEFAULT_PORT)
+                        .ok_or_else(|| ConfigError::BadUpstream(k.clone(), g.clone()))?;
+                    let id =
+                        if single && cli.gateway_server.gateway_id.is_some() && given("gateway_id")
+                        {
+                            cli.gateway_server.gateway_id.clone()
+                        } else {
+                            e.gateway_id
+                                .clone()
+                                .or_else(|| cli.gateway_server.gateway_id.clone())
+                        }
+                        .unwrap_or_else(|| gh.to_ascii_lowercase());
+                    let ca = match (&cli.gateway_ca, &e.gateway_ca) {
+                        (Some(c), _) if flag("gateway_ca") || e.gateway_ca.is_none() => {
+                            UpstreamCa::File(c.clone())
+                        }
+                        (_, Some(c)) => UpstreamCa::File(c.clone()),
+                        _ => UpstreamCa::System,
+                    };
+                    Some(ViaGateway {
+                        host: gh.to_ascii_lowercase(),
+                        port: gp,
+                        id,
+                        ca,
+                    })
+                }
+            };
             let name = e.name.clone().unwrap_or_else(|| format!("{host}:{port}"));
             endpoints.push(EndpointConfig {
                 name,
@@ -566,13 +635,23 @@ impl Config {
                 listen,
                 unix_socket,
                 client_tls,
+                gateway,
             });
         }
         check_distinct(&endpoints, path.as_deref())?;
+        if !cli.gateway_mode
+            && cli.gateway_server.gateway_id.is_some()
+            && endpoints.iter().all(|e| e.gateway.is_none())
+        {
+            return Err(ConfigError::Conflict {
+                key: "--gateway-id".into(),
+                problem: "applies with --gateway (the id to sign for) or in gateway mode (rds-iam-proxy gateway)".into(),
+            });
+        }
         let audit = merge_audit(cli, given, f.audit.as_ref(), &fk)?;
         let gateway = crate::gateway::config::merge(
             cli.gateway_mode,
-            &cli.gateway,
+            &cli.gateway_server,
             given,
             f.gateway.as_ref(),
             &fk,
@@ -750,12 +829,22 @@ impl Config {
             if let Some(c) = &e.connect_to {
                 let _ = writeln!(s, "connect_to = {}", q(c));
             }
+            if let Some(g) = &e.gateway {
+                let _ = writeln!(s, "gateway = {}", q(&format!("{}:{}", g.host, g.port)));
+                let _ = writeln!(s, "gateway_id = {}", q(&g.id));
+                if let UpstreamCa::File(p) = &g.ca {
+                    let _ = writeln!(s, "gateway_ca = {}", q(&p.display().to_string()));
+                }
+            }
             match &e.upstream_ca {
                 UpstreamCa::File(p) => {
                     let _ = writeln!(s, "upstream_ca = {}", q(&p.display().to_string()));
                 }
                 UpstreamCa::RdsBundle => {
                     let _ = writeln!(s, "# upstream_ca: the embedded Amazon RDS bundle");
+                }
+                UpstreamCa::System => {
+                    let _ = writeln!(s, "# upstream_ca: the system's trust store");
                 }
             }
             match &e.client_tls {
@@ -1020,6 +1109,191 @@ mod tests {
     /// Parses like main does (defaults told apart from given values) and
     /// merges `toml` as the file. Environment variables are covered by the
     /// binary's tests (tests/ops.rs): clap reads the real environment.
+    /// `rds-iam-proxy gateway ARGS`, flags over an optional file.
+    fn load_gateway(args: &[&str], toml: Option<&str>) -> Result<Config, ConfigError> {
+        let mut cmd = crate::cli::Cli::command();
+        let argv = [&["rds-iam-proxy", "gateway"], args].concat();
+        let m = cmd.try_get_matches_from_mut(argv).unwrap();
+        let Some(crate::cli::Command::Gateway(mut g)) =
+            crate::cli::Cli::from_arg_matches(&m).unwrap().command
+        else {
+            unreachable!("parsed as the gateway subcommand")
+        };
+        g.proxy.gateway_mode = true;
+        let sub = m.subcommand_matches("gateway").unwrap();
+        let given = |id: &str| {
+            matches!(
+                sub.value_source(id),
+                Some(ValueSource::CommandLine | ValueSource::EnvVariable)
+            )
+        };
+        let path = Path::new("/etc/p.toml");
+        let file = match toml {
+            Some(t) => Some((path.to_owned(), parse_file(path, t)?)),
+            None => None,
+        };
+        Config::merge(&g.proxy, &given, file, &Env::default())
+    }
+
+    /// Gateway mode and the local proxy's --gateway: what each needs, what
+    /// belongs to the other, and the listener rule of local mode.
+    #[test]
+    fn gateway_settings_on_both_sides() {
+        const UP: &str = "db.cluster-a.eu-west-1.rds.amazonaws.com";
+        // Gateway side: id and a trusted account are required; defaults.
+        let g = load_gateway(
+            &[
+                "--upstream",
+                UP,
+                "--listen",
+                "0.0.0.0:5432",
+                "--gateway-id",
+                "bastion",
+                "--trust-account",
+                "111122223333",
+            ],
+            None,
+        )
+        .unwrap();
+        let gw = g.gateway.as_ref().unwrap();
+        assert_eq!(gw.trust_roles, ["AWSReservedSSO_*"]);
+        assert_eq!(gw.sts_region, None);
+        let err =
+            load_gateway(&["--upstream", UP, "--trust-account", "111122223333"], None).unwrap_err();
+        assert!(err.to_string().contains("--gateway-id"), "{err}");
+        let err = load_gateway(&["--upstream", UP, "--gateway-id", "b"], None).unwrap_err();
+        assert!(err.to_string().contains("--trust-account"), "{err}");
+        let err = load_gateway(
+            &[
+                "--upstream",
+                UP,
+                "--gateway-id",
+                "b",
+                "--trust-account",
+                "1234",
+            ],
+            None,
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("12 digits"), "{err}");
+        // The file's [gateway] table, under the flags.
+        let g = load_gateway(
+            &["--upstream", UP, "--trust-role", "Exact"],
+            Some("[gateway]\nid = \"bastion\"\ntrust_accounts = [\"111122223333\"]\ntrust_roles = [\"AWSReservedSSO_DBA*\"]\n"),
+        )
+        .unwrap();
+        assert_eq!(g.gateway.as_ref().unwrap().trust_roles, ["Exact"]);
+        assert!(
+            g.render().contains("[gateway]\nid = \"bastion\""),
+            "{}",
+            g.render()
+        );
+        // A gateway does not chain to another.
+        let err = load_gateway(
+            &[
+                "--upstream",
+                UP,
+                "--gateway-id",
+                "b",
+                "--trust-account",
+                "111122223333",
+                "--gateway",
+                "x:1",
+            ],
+            None,
+        )
+        .unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("a gateway dials the cluster itself"),
+            "{err}"
+        );
+
+        // Local side: gateway-server settings are refused, the hop is read.
+        let err = load(&["--upstream", UP, "--trust-account", "111122223333"], None).unwrap_err();
+        assert!(err.to_string().contains("rds-iam-proxy gateway"), "{err}");
+        let err = load(&["--upstream", UP], Some("[gateway]\nid = \"x\"\n")).unwrap_err();
+        assert!(err.to_string().contains("[gateway]"), "{err}");
+        let c = load(
+            &["--upstream", UP, "--gateway", "Bastion.example:6432"],
+            None,
+        )
+        .unwrap();
+        let hop = c.first().gateway.as_ref().unwrap();
+        assert_eq!(
+            (hop.host.as_str(), hop.port, hop.id.as_str()),
+            ("bastion.example", 6432, "bastion.example")
+        );
+        assert_eq!(hop.ca, UpstreamCa::System);
+        let c = load(
+            &["--upstream", UP, "--gateway", "b:1", "--gateway-id", "gw-1"],
+            None,
+        )
+        .unwrap();
+        assert_eq!(c.first().gateway.as_ref().unwrap().id, "gw-1");
+        let err = load(
+            &[
+                "--upstream",
+                UP,
+                "--gateway",
+                "b:1",
+                "--connect-to",
+                "127.0.0.1:5",
+            ],
+            None,
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("--connect-to"), "{err}");
+        let err = load(&["--upstream", UP, "--gateway-id", "gw-1"], None).unwrap_err();
+        assert!(err.to_string().contains("applies with --gateway"), "{err}");
+
+        // Local mode listens where others cannot reach it, unless told.
+        for addr in ["0.0.0.0:5432", "[::]:5432", "10.1.2.3:5432"] {
+            let err = load(&["--upstream", UP, "--listen", addr], None).unwrap_err();
+            assert!(
+                matches!(err, ConfigError::RemoteListener { .. }),
+                "{addr}: {err}"
+            );
+        }
+        let err = load(
+            &["--upstream", UP],
+            Some("[[endpoint]]\nlisten = [\"0.0.0.0:5432\"]\n"),
+        )
+        .unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("endpoint[1].listen in /etc/p.toml"),
+            "{err}"
+        );
+        let c = load(
+            &[
+                "--upstream",
+                UP,
+                "--listen",
+                "0.0.0.0:5432",
+                "--allow-remote-clients",
+            ],
+            None,
+        )
+        .unwrap();
+        assert!(c.allow_remote_clients);
+        assert!(c.render().contains("allow_remote_clients = true"));
+        let err = load_gateway(
+            &[
+                "--upstream",
+                UP,
+                "--gateway-id",
+                "b",
+                "--trust-account",
+                "111122223333",
+                "--allow-remote-clients",
+            ],
+            None,
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("local proxy only"), "{err}");
+    }
+
     fn load(args: &[&str], toml: Option<&str>) -> Result<Config, ConfigError> {
         let mut cmd = crate::cli::Cli::command();
         let argv = [&["rds-iam-proxy"], args].concat();

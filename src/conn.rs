@@ -567,17 +567,28 @@ async fn open_session(
             // Before any token exists: may this identity use the requested user?
             let (creds, identity) = ctx.identity.authorize(startup.user()).await?;
             ctx.metrics.observe_credentials(creds.expiry());
-            let token = ctx.signer.sign(
-                &creds,
-                &TokenTarget {
-                    host: &live.endpoint.host,
-                    port: live.endpoint.port,
-                    region: &ep.region,
-                    user: startup.user(),
-                },
-            );
+            let target = TokenTarget {
+                host: &ep.cluster_host,
+                port: ep.cluster_port,
+                region: &ep.region,
+                user: startup.user(),
+            };
+            // Through a gateway the password is a proof of who signed the
+            // token, bound to that gateway; the token inside is the same.
+            let password = match &ep.gateway_id {
+                Some(gateway_id) => crate::gateway::proof::make(
+                    &creds,
+                    &crate::gateway::proof::ProofTarget {
+                        gateway_id,
+                        sts_region: &ep.region,
+                        rds: target,
+                    },
+                    std::time::SystemTime::now(),
+                ),
+                None => ctx.signer.sign(&creds, &target),
+            };
             ctx.metrics.token_signed();
-            (token, identity, None)
+            (password, identity, None)
         }
     };
     let began = Instant::now();

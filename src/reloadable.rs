@@ -105,6 +105,7 @@ fn endpoint_changes(running: &EndpointConfig, new: &EndpointConfig) -> Vec<&'sta
         listen,
         unix_socket,
         client_tls: _,
+        gateway,
     } = running;
     [
         ("name", *name == new.name),
@@ -115,6 +116,7 @@ fn endpoint_changes(running: &EndpointConfig, new: &EndpointConfig) -> Vec<&'sta
         ("region", *region == new.region),
         ("listen", *listen == new.listen),
         ("unix_socket", *unix_socket == new.unix_socket),
+        ("gateway", *gateway == new.gateway),
     ]
     .into_iter()
     .filter(|(_, same)| !same)

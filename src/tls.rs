@@ -105,6 +105,8 @@ pub enum UpstreamCa {
     RdsBundle,
     /// A PEM file given by the operator.
     File(std::path::PathBuf),
+    /// The system's trust store (a gateway's certificate from a public CA).
+    System,
 }
 
 /// The upstream client configuration: verify-full against `ca`.
@@ -115,8 +117,14 @@ pub fn client_config(ca: &UpstreamCa) -> Result<Arc<ClientConfig>, TlsSetupError
             "(embedded Amazon RDS bundle)".into(),
         ),
         UpstreamCa::File(p) => (read(p)?, p.display().to_string()),
+        UpstreamCa::System => (Vec::new(), "(the system's trust store)".into()),
     };
     let mut roots = RootCertStore::empty();
+    if *ca == UpstreamCa::System {
+        for cert in rustls_native_certs::load_native_certs().certs {
+            let _ = roots.add(cert);
+        }
+    }
     for cert in CertificateDer::pem_slice_iter(&pem) {
         let cert = cert.map_err(|source| TlsSetupError::Pem {
             what: what.clone(),

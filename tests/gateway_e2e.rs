@@ -10,7 +10,8 @@
 
 mod support;
 
-use std::process::Command;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
 
 use serde_json::Value;
 use support::bed::{AwsHome, Bed, http_json, unique_temp_path};
@@ -215,7 +216,7 @@ fn bad_proofs_are_refused_before_the_cluster() {
         "the gateway refused the proof",
     );
     refused(
-        &p.replacen("host%3Bx-rds-iam-proxy-gateway-id", "host", 1),
+        &p.replacen("host%3Bx-rds-iam-proxy-gateway-id%3B", "host%3B", 1),
         "the gateway refused the proof",
     );
     refused(
@@ -372,4 +373,74 @@ fn a_local_proxy_refuses_a_non_loopback_listener() {
     let (ok, out, err) = run(&mut cmd);
     assert!(ok, "{err}");
     assert!(out.contains("allow_remote_clients = true"), "{out}");
+}
+
+/// A person's own local proxy with `--gateway`: psql with no password,
+/// through the local proxy (which signs the proof and the token with the
+/// person's session) and the gateway (which holds no credentials); a
+/// cancel (psql's Ctrl-C) travels the same way, through both.
+#[test]
+fn a_local_proxy_reaches_the_cluster_through_the_gateway() {
+    let Some(bed) = Bed::shared("a_local_proxy_reaches_the_cluster_through_the_gateway") else {
+        return;
+    };
+    bed.create_iam_user("erin");
+    let erin = AwsHome::sso(bed, "erin", "DatabaseUser");
+    let (gw, audit, _nobody) = gateway(bed, &[]);
+    let local = Proxy::builder(bed, &erin)
+        .without("--connect-to")
+        .arg("--gateway", gw.addr.to_string())
+        .arg("--gateway-id", GATEWAY_ID)
+        .arg("--gateway-ca", gw.ca_cert())
+        .start();
+    let (ok, out, err) = run(local.psql("erin", "").args(["-c", "select current_user"]));
+    assert!(
+        ok,
+        "{err}\n--- local ---\n{}\n--- gateway ---\n{}",
+        local.log(),
+        gw.log()
+    );
+    assert_eq!(out.trim(), "erin");
+    // The local check still refuses another person's user before signing.
+    let (ok, _, err) = run(local.psql("bob", "").args(["-c", "select 1"]));
+    assert!(!ok);
+    assert!(err.contains("is not yours"), "{err}");
+
+    let child = local
+        .psql("erin", "application_name=gw-cancel-me")
+        .args(["-c", "select pg_sleep(60)"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let active = "select count(*) from pg_stat_activity where application_name = 'gw-cancel-me' and state = 'active'";
+    while bed.admin_sql(active).trim() != "1" {
+        assert!(Instant::now() < deadline, "the sleep never started");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let started = Instant::now();
+    let status = Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("canceling statement due to user request"),
+        "{stderr}\n{}",
+        gw.log()
+    );
+    assert!(started.elapsed() < Duration::from_secs(30));
+    assert!(local.log().contains("cancel request forwarded"));
+    assert!(gw.log().contains("cancel request forwarded"));
+
+    let starts = sessions_started(&audit);
+    assert!(
+        starts
+            .iter()
+            .any(|s| s["person"] == "erin" && s["gateway_id"] == GATEWAY_ID),
+        "{starts:?}"
+    );
 }

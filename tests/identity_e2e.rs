@@ -476,6 +476,7 @@ fn another_local_os_user_is_refused_on_loopback_tcp_and_unix_socket() {
 /// (Before, "local" was judged from the listener's address, so `--listen
 /// 0.0.0.0:5432` served any local user as the proxy's person over TLS.)
 /// The dual-stack `[::]` listener sees 127.0.0.1 as ::ffff:127.0.0.1.
+/// (Such a listener now needs --allow-remote-clients to start at all.)
 #[test]
 fn a_wildcard_listener_checks_local_users_too() {
     let Some(bed) = Bed::shared("a_wildcard_listener_checks_local_users_too") else {
@@ -484,7 +485,10 @@ fn a_wildcard_listener_checks_local_users_too() {
     bed.create_iam_user("wilma");
     let home = AwsHome::sso(bed, "wilma", "DatabaseAdmin");
     for wildcard in ["0.0.0.0:0", "[::]:0"] {
-        let proxy = Proxy::builder(bed, &home).arg("--listen", wildcard).start();
+        let proxy = Proxy::builder(bed, &home)
+            .arg("--listen", wildcard)
+            .switch("--allow-remote-clients")
+            .start();
         let before = bed.verifier_lines_for("wilma");
         for sslmode in ["require", "disable"] {
             let (ok, out, err) = psql_as_nobody("127.0.0.1", proxy.addr.port(), "wilma", sslmode);

@@ -428,6 +428,7 @@ async fn plaintext_is_refused_on_a_non_loopback_connection() {
     };
     let proxy = Proxy::builder(bed, &home)
         .arg("--listen", "0.0.0.0:0")
+        .switch("--allow-remote-clients")
         .start();
     let port = proxy.addr.port();
     let (ok, _, err) = run(proxy

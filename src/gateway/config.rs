@@ -19,9 +19,10 @@ pub const DEFAULT_TRUSTED_ROLE: &str = "AWSReservedSSO_*";
 #[derive(Debug, Clone, Args, Default)]
 #[command(next_help_heading = "Gateway mode (rds-iam-proxy gateway)")]
 pub struct GatewayArgs {
-    /// This gateway's id: every proof must be signed for it. Use the name
-    /// clients reach the gateway by (the name in its certificate), which is
-    /// what clients sign for by default. Required in gateway mode.
+    /// The gateway's id, which every proof is signed for. In gateway mode
+    /// (required): this gateway's, the name clients reach it by (the name
+    /// in its certificate). With --gateway: the id to sign for [default:
+    /// the --gateway host].
     #[arg(long, env = "RDS_IAM_PROXY_GATEWAY_ID", value_name = "ID")]
     pub gateway_id: Option<String>,
 
@@ -68,7 +69,7 @@ pub struct GatewayArgs {
         long,
         env = "RDS_IAM_PROXY_MAX_SESSIONS_PER_PERSON",
         value_name = "N",
-        default_value_t = 20
+        default_value_t = DEFAULT_MAX_SESSIONS_PER_PERSON
     )]
     pub max_sessions_per_person: usize,
 
@@ -78,7 +79,7 @@ pub struct GatewayArgs {
         long,
         env = "RDS_IAM_PROXY_MAX_FAILED_PROOFS_PER_SOURCE",
         value_name = "N",
-        default_value_t = 10
+        default_value_t = DEFAULT_MAX_FAILED_PROOFS_PER_SOURCE
     )]
     pub max_failed_proofs_per_source: u32,
 }
@@ -112,16 +113,32 @@ pub struct GatewayConfig {
     pub max_failed_proofs_per_source: u32,
 }
 
-/// Flags given without gateway mode are an error, not ignored.
-const SERVER_FLAGS: &[&str] = &[
-    "trust_account",
-    "trust_role",
-    "sts_region",
-    "sts_endpoint_url",
-    "sts_timeout",
-    "max_sessions_per_person",
-    "max_failed_proofs_per_source",
-];
+/// The gateway-only flags that were set (a defaulted one counts when it
+/// was given with another value): without gateway mode they are an error,
+/// not ignored.
+fn server_flags_set(cli: &GatewayArgs) -> Option<&'static str> {
+    [
+        ("trust_account", !cli.trust_account.is_empty()),
+        ("trust_role", !cli.trust_role.is_empty()),
+        ("sts_region", cli.sts_region.is_some()),
+        ("sts_endpoint_url", cli.sts_endpoint_url.is_some()),
+        ("sts_timeout", cli.sts_timeout != DEFAULT_STS_TIMEOUT),
+        (
+            "max_sessions_per_person",
+            cli.max_sessions_per_person != DEFAULT_MAX_SESSIONS_PER_PERSON,
+        ),
+        (
+            "max_failed_proofs_per_source",
+            cli.max_failed_proofs_per_source != DEFAULT_MAX_FAILED_PROOFS_PER_SOURCE,
+        ),
+    ]
+    .into_iter()
+    .find_map(|(flag, set)| set.then_some(flag))
+}
+
+const DEFAULT_STS_TIMEOUT: Duration = Duration::from_secs(5);
+const DEFAULT_MAX_SESSIONS_PER_PERSON: usize = 20;
+const DEFAULT_MAX_FAILED_PROOFS_PER_SOURCE: u32 = 10;
 
 /// Merges the gateway flags over the `[gateway]` table. `mode` is true for
 /// `rds-iam-proxy gateway`; otherwise neither may be given.
@@ -133,7 +150,7 @@ pub fn merge(
     fk: &dyn Fn(&str) -> String,
 ) -> Result<Option<GatewayConfig>, ConfigError> {
     if !mode {
-        if let Some(flag) = SERVER_FLAGS.iter().find(|k| given(k)) {
+        if let Some(flag) = server_flags_set(cli) {
             return Err(ConfigError::Conflict {
                 key: format!("--{}", flag.replace('_', "-")),
                 problem: "applies to gateway mode only: run `rds-iam-proxy gateway`".into(),

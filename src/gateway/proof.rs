@@ -5,20 +5,25 @@
 //! token, so any libpq client can send it as a password):
 //!
 //! ```text
-//! rds-iam-proxy-proof-v1:<STS query>:<RDS auth token>
+//! rds-iam-proxy-proof-v1:<nonce>:<STS query>:<RDS auth token>
 //! ```
 //!
+//! - `<nonce>`: 32 lowercase hex digits, fresh for each proof.
 //! - `<STS query>`: a presigned `sts:GetCallerIdentity` (`GET /`, query
 //!   string SigV4) for the regional STS endpoint, whose signed headers are
-//!   `host` and `x-rds-iam-proxy-gateway-id` (the gateway's id). Made with
-//!   the person's own credentials; the gateway replays it to STS, which
-//!   checks the signature and names the caller.
+//!   `host`, `x-rds-iam-proxy-gateway-id` (the gateway's id) and
+//!   `x-rds-iam-proxy-nonce` (the nonce). Made with the person's own
+//!   credentials; the gateway replays it to STS with both headers, and STS
+//!   checks the signature and names the caller. The nonce makes each
+//!   proof's signature unique: two proofs signed in the same second (the
+//!   resolution of `X-Amz-Date`) would otherwise be one, and the second
+//!   would be refused as a replay.
 //! - `<RDS auth token>`: an ordinary RDS IAM token (`HOST:PORT/?Action=connect&...`)
 //!   for the requested database user, signed by the same credentials. The
 //!   gateway logs in with it; the cluster's IAM policy still decides.
 //!
-//! The query never holds a raw `:` (SigV4 percent-encodes it), so the
-//! token is everything after the second `:`.
+//! The nonce and the query never hold a raw `:` (SigV4 percent-encodes
+//! it), so the token is everything after the third `:`.
 
 use std::time::{Duration, SystemTime};
 
@@ -33,6 +38,10 @@ use crate::token::TokenTarget;
 pub const PREFIX: &str = "rds-iam-proxy-proof-v1:";
 /// The signed header that binds a proof to one gateway.
 pub const GATEWAY_ID_HEADER: &str = "x-rds-iam-proxy-gateway-id";
+/// The signed header that makes each proof unique.
+pub const NONCE_HEADER: &str = "x-rds-iam-proxy-nonce";
+/// Hex digits of a nonce (128 random bits).
+const NONCE_LEN: usize = 32;
 /// The longest proof read (two presigned requests with a session token
 /// are about 3 KB).
 pub const MAX_LEN: usize = 8192;
@@ -95,6 +104,9 @@ pub struct ProofTarget<'a> {
 
 /// Makes a proof with the person's own credentials as of `now`.
 pub fn make(creds: &Credentials, target: &ProofTarget<'_>, now: SystemTime) -> Secret {
+    let mut random = [0u8; NONCE_LEN / 2];
+    crate::tls::random_bytes(&mut random);
+    let nonce = sigv4::hex(&random);
     let host = sts_host(target.sts_region);
     let query = sigv4::presign(
         creds,
@@ -103,13 +115,20 @@ pub fn make(creds: &Credentials, target: &ProofTarget<'_>, now: SystemTime) -> S
             region: target.sts_region,
             service: "sts",
             params: &[("Action", STS_ACTION), ("Version", STS_VERSION)],
-            headers: &[(GATEWAY_ID_HEADER, target.gateway_id)],
+            headers: &[
+                (GATEWAY_ID_HEADER, target.gateway_id),
+                (NONCE_HEADER, &nonce),
+            ],
             expires: STS_EXPIRES,
         },
         now,
     );
     let token = crate::token::sign_at(creds, &target.rds, now);
-    Secret::new(format!("{PREFIX}{}:{}", query.as_str(), token.expose()))
+    Secret::new(format!(
+        "{PREFIX}{nonce}:{}:{}",
+        query.as_str(),
+        token.expose()
+    ))
 }
 
 /// What the gateway expects of a proof.
@@ -156,6 +175,8 @@ pub struct StsCall {
     pub path_and_query: Secret,
     /// The gateway's id, sent in [`GATEWAY_ID_HEADER`].
     pub gateway_id: String,
+    /// The proof's nonce, sent in [`NONCE_HEADER`].
+    pub nonce: String,
 }
 
 /// Why a proof was refused before STS was asked. Every variant is
@@ -202,6 +223,14 @@ pub fn check(password: &[u8], want: &Expected<'_>) -> Result<Checked, ProofError
     }
     let text = std::str::from_utf8(password).map_err(|_| ProofError::NotAProof)?;
     let rest = text.strip_prefix(PREFIX).ok_or(ProofError::NotAProof)?;
+    let (nonce, rest) = rest.split_once(':').ok_or(ProofError::Layout)?;
+    if nonce.len() != NONCE_LEN
+        || !nonce
+            .bytes()
+            .all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+    {
+        return Err(ProofError::Layout);
+    }
     let (sts_query, token) = rest.split_once(':').ok_or(ProofError::Layout)?;
     let sts = StrictQuery::parse(sts_query, STS_KEYS).map_err(ProofError::StsQuery)?;
     let q = |k| sts.require(k).map_err(ProofError::StsQuery);
@@ -211,10 +240,10 @@ pub fn check(password: &[u8], want: &Expected<'_>) -> Result<Checked, ProofError
     if q("X-Amz-Algorithm")? != "AWS4-HMAC-SHA256" {
         return Err(ProofError::Sts("unknown signing algorithm"));
     }
-    let signed_headers = format!("host;{GATEWAY_ID_HEADER}");
+    let signed_headers = format!("host;{GATEWAY_ID_HEADER};{NONCE_HEADER}");
     if q("X-Amz-SignedHeaders")? != signed_headers {
         return Err(ProofError::Sts(
-            "the signed headers must be exactly host and x-rds-iam-proxy-gateway-id",
+            "the signed headers must be exactly host, x-rds-iam-proxy-gateway-id and x-rds-iam-proxy-nonce",
         ));
     }
     let signature = q("X-Amz-Signature")?;
@@ -261,6 +290,7 @@ pub fn check(password: &[u8], want: &Expected<'_>) -> Result<Checked, ProofError
             host: sts_host(want.sts_region),
             path_and_query: Secret::new(format!("/?{}", query.as_str())),
             gateway_id: want.gateway_id.to_owned(),
+            nonce: nonce.to_owned(),
         },
         access_key_id: scope.access_key_id.to_owned(),
         signature: signature.to_owned(),
@@ -447,9 +477,17 @@ mod tests {
             "{q}"
         );
         assert!(
-            q.contains("X-Amz-SignedHeaders=host%3Bx-rds-iam-proxy-gateway-id"),
+            q.contains(
+                "X-Amz-SignedHeaders=host%3Bx-rds-iam-proxy-gateway-id%3Bx-rds-iam-proxy-nonce"
+            ),
             "{q}"
         );
+        assert_eq!(c.sts.nonce.len(), 32);
+        // Two proofs in the same second differ (the nonce): neither is
+        // taken for a replay of the other.
+        let again = proof("arianna");
+        let c2 = check(again.as_bytes(), &expected("arianna", AT + 60)).unwrap();
+        assert_ne!(c.signature, c2.signature);
         assert!(q.contains(&format!("X-Amz-Signature={}", c.signature)));
         assert!(
             c.token
@@ -462,8 +500,17 @@ mod tests {
     #[test]
     fn every_check_refuses_its_case() {
         let good = proof("arianna");
-        let (sts, token) = good[PREFIX.len()..].split_once(':').unwrap();
-        let with = |sts: &str, token: &str| format!("{PREFIX}{sts}:{token}");
+        let (nonce, rest) = good[PREFIX.len()..].split_once(':').unwrap();
+        let (sts, token) = rest.split_once(':').unwrap();
+        let with = |sts: &str, token: &str| format!("{PREFIX}{nonce}:{sts}:{token}");
+        assert_eq!(
+            check(
+                good.replacen(nonce, "not-a-nonce", 1).as_bytes(),
+                &expected("arianna", AT)
+            )
+            .unwrap_err(),
+            ProofError::Layout
+        );
         let refused =
             |p: &str, user: &str, now: u64| check(p.as_bytes(), &expected(user, now)).unwrap_err();
 
@@ -506,7 +553,7 @@ mod tests {
         assert!(matches!(
             refused(
                 &with(
-                    &sts.replace("host%3Bx-rds-iam-proxy-gateway-id", "host"),
+                    &sts.replace("host%3Bx-rds-iam-proxy-gateway-id%3B", "host%3B"),
                     token
                 ),
                 "arianna",
@@ -553,7 +600,7 @@ mod tests {
         );
         // A token signed by other credentials than the proof.
         let bobs = proof_with("ASIAEXAMPLEKEY000002", "arianna");
-        let (_, bob_token) = bobs[PREFIX.len()..].split_once(':').unwrap();
+        let bob_token = bobs[PREFIX.len()..].splitn(3, ':').nth(2).unwrap();
         assert_eq!(
             refused(&with(sts, bob_token), "arianna", AT),
             ProofError::OtherCredentials

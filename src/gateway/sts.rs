@@ -18,7 +18,7 @@ use hyper_util::rt::TokioIo;
 use thiserror::Error;
 use tokio::net::TcpStream;
 
-use super::proof::{GATEWAY_ID_HEADER, StsCall};
+use super::proof::{GATEWAY_ID_HEADER, NONCE_HEADER, StsCall};
 
 /// The longest STS answer read.
 const MAX_ANSWER: usize = 64 * 1024;
@@ -130,6 +130,7 @@ async fn ask(ep: &StsEndpoint, call: &StsCall) -> Result<Caller, StsError> {
     let request = http::Request::get(call.path_and_query.expose())
         .header(http::header::HOST, &call.host)
         .header(GATEWAY_ID_HEADER, &call.gateway_id)
+        .header(NONCE_HEADER, &call.nonce)
         .header(
             http::header::USER_AGENT,
             concat!("rds-iam-proxy/", env!("CARGO_PKG_VERSION")),

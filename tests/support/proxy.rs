@@ -33,6 +33,7 @@ pub struct Proxy {
 pub struct ProxyBuilder {
     cmd: Command,
     subcommand: Option<&'static str>,
+    switches: Vec<&'static str>,
     args: Vec<(String, std::ffi::OsString)>,
     state_dir: PathBuf,
     unix_dir: Option<PathBuf>,
@@ -66,6 +67,7 @@ impl ProxyBuilder {
         ProxyBuilder {
             cmd,
             subcommand: None,
+            switches: Vec::new(),
             args: args.into_iter().map(|(k, v)| (k.to_owned(), v)).collect(),
             state_dir,
             unix_dir: None,
@@ -91,6 +93,12 @@ impl ProxyBuilder {
     /// Runs `rds-iam-proxy NAME` (e.g. `gateway`) instead of the proxy.
     pub fn subcommand(mut self, name: &'static str) -> Self {
         self.subcommand = Some(name);
+        self
+    }
+
+    /// Adds a flag that takes no value (e.g. `--allow-remote-clients`).
+    pub fn switch(mut self, flag: &'static str) -> Self {
+        self.switches.push(flag);
         self
     }
 
@@ -126,6 +134,7 @@ impl ProxyBuilder {
         for (k, v) in &self.args {
             self.cmd.arg(k).arg(v);
         }
+        self.cmd.args(&self.switches);
         let mut child = self
             .cmd
             .stdin(Stdio::null())
