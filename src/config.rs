@@ -639,6 +639,16 @@ impl Config {
             });
         }
         check_distinct(&endpoints, path.as_deref())?;
+        if cli.gateway_mode
+            && let Some(e) = endpoints.iter().find(|e| e.unix_socket.is_some())
+        {
+            return Err(ConfigError::Conflict {
+                key: format!("endpoint {:?}: unix_socket", e.name),
+                problem:
+                    "a gateway takes proofs over TLS only, and libpq uses no TLS on unix sockets"
+                        .into(),
+            });
+        }
         if !cli.gateway_mode
             && cli.gateway_server.gateway_id.is_some()
             && endpoints.iter().all(|e| e.gateway.is_none())

@@ -942,3 +942,74 @@ fn doctor_on_a_healthy_and_a_broken_setup() {
     );
     assert!(out.contains("- token: skipped"), "{out}");
 }
+
+/// The deployment examples in the docs start as written (as far as this
+/// machine can tell without Docker or Kubernetes: their command lines pass
+/// `--check-config`), and the unsafe shape they replaced does not.
+#[test]
+fn documented_container_examples_are_safe_as_written() {
+    let state = unique_temp_path("rdsiam-doc-state");
+    let check = |args: &[String]| {
+        let mut cmd = binary();
+        cmd.env("RDS_IAM_PROXY_STATE_DIR", &state)
+            .args(args)
+            .arg("--check-config");
+        run(&mut cmd)
+    };
+    let root = support::bed::repo_root();
+    // The sidecar: every `- --flag=value` of the proxy container.
+    let yaml = std::fs::read_to_string(root.join("docs/kubernetes-sidecar.yaml")).unwrap();
+    let args: Vec<String> = yaml
+        .lines()
+        .map(str::trim)
+        .filter_map(|l| l.strip_prefix("- --"))
+        .map(|a| format!("--{a}"))
+        .collect();
+    assert!(
+        args.iter().any(|a| a.starts_with("--allow-local-user=")),
+        "{args:?}"
+    );
+    let (ok, out, err) = check(&args);
+    assert!(ok, "{err}");
+    assert!(out.contains("listen = [\"127.0.0.1:5432\"]"), "{out}");
+    // docs/operations.md: the `docker run` lines, flags after the image name.
+    let ops = std::fs::read_to_string(root.join("docs/operations.md")).unwrap();
+    let mut commands = Vec::new();
+    let mut current: Option<String> = None;
+    for line in ops.lines() {
+        let l = line.trim().trim_end_matches('\\').trim();
+        match &mut current {
+            None if l.starts_with("docker run") => current = Some(l.to_owned()),
+            Some(c) => c.push_str(&format!(" {l}")),
+            None => {}
+        }
+        if current.is_some() && !line.trim_end().ends_with('\\') {
+            commands.extend(current.take());
+        }
+    }
+    assert_eq!(commands.len(), 2, "{commands:?}");
+    for c in &commands {
+        let after_image = c.split(" rds-iam-proxy ").nth(1).expect("image name");
+        let mut args: Vec<String> = after_image
+            .replace("\"$(id -u)\"", "0")
+            .split_whitespace()
+            .map(str::to_owned)
+            .collect();
+        // No certificate files here: the local CA stands in for them.
+        if let Some(i) = args.iter().position(|a| a == "--tls-cert") {
+            args.drain(i..i + 4);
+        }
+        let (ok, _, err) = check(&args);
+        assert!(ok, "{c}: {err}");
+    }
+    // What the Docker example used to say, in local mode: refused.
+    let (ok, _, err) = check(&[
+        "--upstream".into(),
+        "mydb.cluster-abc.eu-west-1.rds.amazonaws.com".into(),
+        "--listen".into(),
+        "0.0.0.0:5432".into(),
+    ]);
+    assert!(!ok);
+    assert!(err.contains("is not a loopback address"), "{err}");
+    let _ = std::fs::remove_dir_all(&state);
+}
