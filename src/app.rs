@@ -244,10 +244,35 @@ pub async fn build(
             } else {
                 Some(tls::sts_client_config().map_err(StartError::StsTls)?)
             };
-            Some(Arc::new(crate::gateway::Gateway::new(g, sts_region, tls)))
+            let peer_tls = if g.peers.is_empty() {
+                None
+            } else {
+                Some(tls::client_config(&g.peer_ca).map_err(StartError::UpstreamCa)?)
+            };
+            let peers = g
+                .peers
+                .iter()
+                .filter_map(|p| {
+                    let tls = peer_tls.clone()?;
+                    Some((
+                        p.instance,
+                        Arc::new(Endpoint {
+                            host: p.host.clone(),
+                            port: p.port,
+                            connect_to: None,
+                            connect_timeout: config.connect_timeout,
+                            tls,
+                        }),
+                    ))
+                })
+                .collect();
+            Some(Arc::new(crate::gateway::Gateway::new(
+                g, sts_region, tls, peers,
+            )))
         }
         None => None,
     };
+    let instance = config.gateway.as_ref().and_then(|g| g.instance);
     let peers = PeerPolicy::from_allow_list(crate::peer::own_uid()?, &config.allow_local_users)?;
     let audit = Arc::new(crate::audit::Auditor::start(config.audit.clone())?);
     let identity = IdentityService::new(&sdk, config.identity.clone());
@@ -258,7 +283,7 @@ pub async fn build(
         config: ArcSwap::from_pointee(config),
         identity,
         signer: Signer::default(),
-        cancels: Arc::new(CancelRegistry::default()),
+        cancels: Arc::new(CancelRegistry::for_instance(instance)),
         peers,
         audit,
         metrics: Arc::new(Metrics::default()),

@@ -26,6 +26,10 @@ struct Target {
 #[derive(Debug, Default)]
 pub struct CancelRegistry {
     map: Mutex<HashMap<CancelKey, Target>>,
+    /// A gateway instance's number, written into the first byte of every
+    /// secret it issues, so that another instance that receives the
+    /// cancel request knows where to send it.
+    instance: Option<u8>,
 }
 
 /// Removes its key from the registry when the session ends.
@@ -46,6 +50,19 @@ impl Drop for Registration {
 }
 
 impl CancelRegistry {
+    /// A registry whose keys name this gateway instance.
+    pub fn for_instance(instance: Option<u8>) -> Self {
+        Self {
+            map: Mutex::default(),
+            instance,
+        }
+    }
+
+    /// The instance a key names, when keys name instances.
+    pub fn instance_of(key: &CancelKey) -> Option<u8> {
+        key.secret.first().copied()
+    }
+
     /// Issues a proxy key for the session behind `upstream_key`. Protocol
     /// 3.2 allows 32-byte secrets; 3.0 clients expect 4 bytes.
     pub fn register(
@@ -60,6 +77,9 @@ impl CancelRegistry {
         let key = loop {
             let mut secret = vec![0u8; len];
             crate::tls::random_bytes(&mut secret);
+            if let Some(instance) = self.instance {
+                secret[0] = instance;
+            }
             let key = CancelKey {
                 pid: upstream_key.pid,
                 secret,
@@ -103,27 +123,38 @@ impl CancelRegistry {
         let Some(target) = target else {
             return Ok(false);
         };
-        let send = async {
-            let (mut stream, _) =
-                upstream::connect_tls(&target.endpoint, Some(target.addr)).await?;
-            let mut out = BytesMut::new();
-            startup::encode_cancel(&mut out, &target.key);
-            stream.write_all(&out).await?;
-            stream.flush().await?;
-            // The server closes once it has acted; wait for that, briefly.
-            let mut sink = [0u8; 64];
-            let _ = tokio::time::timeout(
-                CANCEL_CLOSE_WAIT,
-                tokio::io::AsyncReadExt::read(&mut stream, &mut sink),
-            )
-            .await;
-            Ok::<_, upstream::UpstreamError>(())
-        };
-        tokio::time::timeout(CANCEL_TIMEOUT, send)
-            .await
-            .map_err(|_| CancelError::TimedOut(CANCEL_TIMEOUT))??;
+        send(&target.endpoint, Some(target.addr), &target.key).await?;
         Ok(true)
     }
+}
+
+/// Sends `key`'s CancelRequest over TLS to `endpoint` (at `addr`, or
+/// resolved), bounded by [`CANCEL_TIMEOUT`] as a whole. Used for the
+/// server, and by a gateway for a peer instance that issued the key.
+pub async fn send(
+    endpoint: &Endpoint,
+    addr: Option<SocketAddr>,
+    key: &CancelKey,
+) -> Result<(), CancelError> {
+    let send = async {
+        let (mut stream, _) = upstream::connect_tls(endpoint, addr).await?;
+        let mut out = BytesMut::new();
+        startup::encode_cancel(&mut out, key);
+        stream.write_all(&out).await?;
+        stream.flush().await?;
+        // The server closes once it has acted; wait for that, briefly.
+        let mut sink = [0u8; 64];
+        let _ = tokio::time::timeout(
+            CANCEL_CLOSE_WAIT,
+            tokio::io::AsyncReadExt::read(&mut stream, &mut sink),
+        )
+        .await;
+        Ok::<_, upstream::UpstreamError>(())
+    };
+    tokio::time::timeout(CANCEL_TIMEOUT, send)
+        .await
+        .map_err(|_| CancelError::TimedOut(CANCEL_TIMEOUT))??;
+    Ok(())
 }
 
 /// Why a cancel request with a known key did not reach the server.

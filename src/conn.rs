@@ -114,6 +114,23 @@ async fn forward_cancel(ctx: &AppContext, key: &crate::pg::startup::CancelKey) {
             ctx.metrics.connection("cancel");
             info!(pid = key.pid, "cancel request forwarded")
         }
+        // A key another instance of this gateway issued: send it there.
+        // That instance never sends it on (the key names it), so a cancel
+        // request crosses at most one hop.
+        Ok(false) if let Some(peer) = ctx.gateway.as_ref().and_then(|g| g.peer_for(key)) => {
+            match crate::cancel::send(peer, None, key).await {
+                Ok(()) => {
+                    ctx.metrics.connection("cancel_to_peer");
+                    info!(pid = key.pid, peer = %peer.name(), "cancel request sent to the gateway instance that issued its key")
+                }
+                Err(e) => {
+                    ctx.metrics.connection("cancel_failed");
+                    if let Some(more) = FAILED.admit(Instant::now()) {
+                        warn!(pid = key.pid, peer = %peer.name(), error = %e, not_logged_since = more, "cancel request could not be sent to a peer gateway")
+                    }
+                }
+            }
+        }
         Ok(false) => {
             ctx.metrics.connection("cancel_unknown_key");
             if let Some(more) = UNKNOWN.admit(Instant::now()) {

@@ -444,3 +444,75 @@ fn a_local_proxy_reaches_the_cluster_through_the_gateway() {
         "{starts:?}"
     );
 }
+
+/// Two instances of one gateway behind a load balancer: a cancel request
+/// that reaches the instance not holding the session is sent on to the
+/// one that does (its number is in the key), and cancels the query.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancel_sent_to_another_gateway_instance_reaches_the_session() {
+    let Some(bed) = Bed::shared("a_cancel_sent_to_another_gateway_instance") else {
+        return;
+    };
+    bed.create_iam_user("fay");
+    let fay = AwsHome::sso(bed, "fay", "DatabaseUser");
+    let (a, _audit_a, _n1) = gateway(bed, &[("--gateway-instance", "1")]);
+    let (b, _audit_b, _n2) = gateway(
+        bed,
+        &[
+            ("--gateway-instance", "2"),
+            ("--gateway-peer", &format!("1=127.0.0.1:{}", a.addr.port())),
+            ("--gateway-peer-ca", a.ca_cert().to_str().unwrap()),
+        ],
+    );
+    let proof = proof_as(bed, &fay, &[]).unwrap();
+    let mut config = tokio_postgres::Config::new();
+    config
+        .host("127.0.0.1")
+        .port(a.addr.port())
+        .user("fay")
+        .dbname("mylab")
+        .application_name("peer-cancel-me")
+        .password(proof)
+        .ssl_mode(tokio_postgres::config::SslMode::Require);
+    let tls = tokio_postgres_rustls::MakeRustlsConnect::new(a.tls_config());
+    let (client, conn) = config.connect(tls).await.expect("fay through gateway 1");
+    tokio::spawn(conn);
+    let cancel = client.cancel_token();
+    let sleep = tokio::spawn(async move { client.simple_query("select pg_sleep(60)").await });
+    let active = "select count(*) from pg_stat_activity where application_name = 'peer-cancel-me' and state = 'active'";
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while tokio::task::block_in_place(|| bed.admin_sql(active)).trim() != "1" {
+        assert!(Instant::now() < deadline, "the sleep never started");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // The cancel request goes to instance 2, which holds no such session.
+    // The session asked for TLS, so its cancel request does too.
+    let to_b = tokio::net::TcpStream::connect(b.addr).await.unwrap();
+    let mut b_tls = tokio_postgres_rustls::MakeRustlsConnect::new(b.tls_config());
+    let b_tls = tokio_postgres::tls::MakeTlsConnect::<tokio::net::TcpStream>::make_tls_connect(
+        &mut b_tls,
+        "127.0.0.1",
+    )
+    .unwrap();
+    cancel
+        .cancel_query_raw(to_b, b_tls)
+        .await
+        .expect("cancel request sent");
+    let result = tokio::time::timeout(Duration::from_secs(20), sleep)
+        .await
+        .expect("the sleep was not cancelled within 20 s")
+        .unwrap();
+    let err = result.expect_err("the sleep was cancelled");
+    assert_eq!(
+        err.code(),
+        Some(&tokio_postgres::error::SqlState::QUERY_CANCELED),
+        "{err}"
+    );
+    assert!(
+        b.log()
+            .contains("cancel request sent to the gateway instance that issued its key"),
+        "{}",
+        b.log()
+    );
+    assert!(a.log().contains("cancel request forwarded"), "{}", a.log());
+}

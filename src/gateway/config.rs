@@ -82,6 +82,36 @@ pub struct GatewayArgs {
         default_value_t = DEFAULT_MAX_FAILED_PROOFS_PER_SOURCE
     )]
     pub max_failed_proofs_per_source: u32,
+
+    #[command(flatten)]
+    pub peers: PeerArgs,
+}
+
+/// Cancel requests across gateway instances: `--gateway-instance`,
+/// `--gateway-peer`, `--gateway-peer-ca` (flattened into [`GatewayArgs`]).
+#[derive(Debug, Clone, Args, Default)]
+pub struct PeerArgs {
+    /// This gateway's number among its peers (1-255), written into the
+    /// cancel keys it issues so that a peer receiving a cancel request can
+    /// send it here.
+    #[arg(long, env = "RDS_IAM_PROXY_GATEWAY_INSTANCE", value_name = "N")]
+    pub gateway_instance: Option<u8>,
+
+    /// Another instance of this gateway, as N=HOST:PORT (its
+    /// --gateway-instance and where it listens); repeat for several. A
+    /// cancel request for one of its sessions is sent there over TLS.
+    #[arg(
+        long,
+        env = "RDS_IAM_PROXY_GATEWAY_PEER",
+        value_name = "N=HOST:PORT",
+        value_delimiter = ','
+    )]
+    pub gateway_peer: Vec<String>,
+
+    /// PEM bundle of CAs trusted for the peers' certificates [default: the
+    /// system's trust store].
+    #[arg(long, env = "RDS_IAM_PROXY_GATEWAY_PEER_CA", value_name = "PEM")]
+    pub gateway_peer_ca: Option<std::path::PathBuf>,
 }
 
 /// The `[gateway]` table: the flags above without their prefix.
@@ -96,6 +126,17 @@ pub struct GatewayFile {
     pub sts_timeout: Option<String>,
     pub max_sessions_per_person: Option<usize>,
     pub max_failed_proofs_per_source: Option<u32>,
+    pub instance: Option<u8>,
+    pub peers: Option<Vec<String>>,
+    pub peer_ca: Option<std::path::PathBuf>,
+}
+
+/// Another instance of the same gateway.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Peer {
+    pub instance: u8,
+    pub host: String,
+    pub port: u16,
 }
 
 /// Gateway mode's validated settings. All start-only.
@@ -111,6 +152,10 @@ pub struct GatewayConfig {
     pub sts_timeout: Duration,
     pub max_sessions_per_person: usize,
     pub max_failed_proofs_per_source: u32,
+    /// This instance's number, when keys name instances.
+    pub instance: Option<u8>,
+    pub peers: Vec<Peer>,
+    pub peer_ca: crate::tls::UpstreamCa,
 }
 
 /// The gateway-only flags that were set (a defaulted one counts when it
@@ -131,6 +176,9 @@ fn server_flags_set(cli: &GatewayArgs) -> Option<&'static str> {
             "max_failed_proofs_per_source",
             cli.max_failed_proofs_per_source != DEFAULT_MAX_FAILED_PROOFS_PER_SOURCE,
         ),
+        ("gateway_instance", cli.peers.gateway_instance.is_some()),
+        ("gateway_peer", !cli.peers.gateway_peer.is_empty()),
+        ("gateway_peer_ca", cli.peers.gateway_peer_ca.is_some()),
     ]
     .into_iter()
     .find_map(|(flag, set)| set.then_some(flag))
@@ -173,6 +221,9 @@ pub fn merge(
         sts_timeout: f.sts_timeout.clone(),
         max_sessions_per_person: f.max_sessions_per_person,
         max_failed_proofs_per_source: f.max_failed_proofs_per_source,
+        instance: f.instance,
+        peers: f.peers.clone(),
+        peer_ca: f.peer_ca.clone(),
     });
     let list = |flag: &str, cli: &[String], file: Option<Vec<String>>| {
         if given(flag) || file.is_none() {
@@ -281,7 +332,50 @@ pub fn merge(
             });
         }
     }
+    let instance = cli.peers.gateway_instance.or(f.instance);
+    let peers = list("gateway_peer", &cli.peers.gateway_peer, f.peers)
+        .iter()
+        .map(|p| parse_peer(p).ok_or(p))
+        .collect::<Result<Vec<Peer>, _>>()
+        .map_err(|bad| ConfigError::BadValue {
+            key: fk("peers"),
+            value: bad.clone(),
+            problem: "expected N=HOST:PORT, N the peer's --gateway-instance (1-255)".into(),
+        })?;
+    match instance {
+        Some(0) => {
+            return Err(ConfigError::BadValue {
+                key: fk("instance"),
+                value: "0".into(),
+                problem: "instances are numbered 1 to 255".into(),
+            });
+        }
+        None if !peers.is_empty() => {
+            return Err(ConfigError::Conflict {
+                key: "--gateway-peer".into(),
+                problem: "needs this gateway's own --gateway-instance, which its cancel keys carry"
+                    .into(),
+            });
+        }
+        _ => {}
+    }
+    for (i, p) in peers.iter().enumerate() {
+        if Some(p.instance) == instance || peers[..i].iter().any(|q| q.instance == p.instance) {
+            return Err(ConfigError::BadValue {
+                key: fk("peers"),
+                value: format!("{}={}:{}", p.instance, p.host, p.port),
+                problem: "each instance number once, and not this gateway's own".into(),
+            });
+        }
+    }
+    let peer_ca = match cli.peers.gateway_peer_ca.clone().or(f.peer_ca) {
+        Some(p) => crate::tls::UpstreamCa::File(p),
+        None => crate::tls::UpstreamCa::System,
+    };
     Ok(Some(GatewayConfig {
+        instance,
+        peers,
+        peer_ca,
         id,
         trust_accounts,
         trust_roles,
@@ -291,6 +385,20 @@ pub fn merge(
         max_sessions_per_person,
         max_failed_proofs_per_source,
     }))
+}
+
+/// `N=HOST:PORT`.
+fn parse_peer(s: &str) -> Option<Peer> {
+    let (n, addr) = s.split_once('=')?;
+    let instance: u8 = n.trim().parse().ok().filter(|n| *n > 0)?;
+    let (host, port) = addr.trim().rsplit_once(':')?;
+    let port: u16 = port.parse().ok().filter(|p| *p > 0)?;
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    (!host.is_empty()).then(|| Peer {
+        instance,
+        host: host.to_ascii_lowercase(),
+        port,
+    })
 }
 
 /// The `[gateway]` table of `--print-config`.
@@ -314,4 +422,18 @@ pub fn render(g: &GatewayConfig, s: &mut String, q: &dyn Fn(&str) -> String) {
         "max_failed_proofs_per_source = {}",
         g.max_failed_proofs_per_source
     );
+    if let Some(n) = g.instance {
+        let _ = writeln!(s, "instance = {n}");
+    }
+    if !g.peers.is_empty() {
+        let peers: Vec<String> = g
+            .peers
+            .iter()
+            .map(|p| q(&format!("{}={}:{}", p.instance, p.host, p.port)))
+            .collect();
+        let _ = writeln!(s, "peers = [{}]", peers.join(", "));
+    }
+    if let crate::tls::UpstreamCa::File(p) = &g.peer_ca {
+        let _ = writeln!(s, "peer_ca = {}", q(&p.display().to_string()));
+    }
 }

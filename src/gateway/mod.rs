@@ -283,6 +283,9 @@ pub struct Gateway {
     pub failures: FailedProofs,
     pub max_sessions_per_person: usize,
     pub max_failed_proofs_per_source: u32,
+    /// The other instances of this gateway, by instance number: where a
+    /// cancel request for one of their keys goes.
+    pub peers: Vec<(u8, Arc<crate::upstream::Endpoint>)>,
 }
 
 /// Proofs remembered at once: 200 logins a second (the cluster's own IAM
@@ -294,6 +297,7 @@ impl Gateway {
         config: &config::GatewayConfig,
         sts_region: String,
         tls: Option<Arc<rustls::ClientConfig>>,
+        peers: Vec<(u8, Arc<crate::upstream::Endpoint>)>,
     ) -> Self {
         let dial = config
             .sts_endpoint_url
@@ -318,7 +322,20 @@ impl Gateway {
             failures: FailedProofs::default(),
             max_sessions_per_person: config.max_sessions_per_person,
             max_failed_proofs_per_source: config.max_failed_proofs_per_source,
+            peers,
         }
+    }
+
+    /// The peer instance that issued `key`, if another one did.
+    pub fn peer_for(
+        &self,
+        key: &crate::pg::startup::CancelKey,
+    ) -> Option<&crate::upstream::Endpoint> {
+        let instance = crate::cancel::CancelRegistry::instance_of(key)?;
+        self.peers
+            .iter()
+            .find(|(n, _)| *n == instance)
+            .map(|(_, e)| e.as_ref())
     }
 }
 
