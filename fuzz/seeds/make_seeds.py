@@ -90,3 +90,33 @@ upstream = "db.cluster-ro-abc.eu-west-1.rds.amazonaws.com"
 unix_socket = "/run/pg"
 connect_to = "127.0.0.1:15432"
 ''')
+w(C,'seed-gateway.toml', b'''[gateway]
+id = "bastion.example.com"
+trust_accounts = ["111122223333"]
+instance = 1
+peers = ["2=gw2.internal:5432"]
+[[endpoint]]
+upstream = "db.cluster-abc.eu-west-1.rds.amazonaws.com"
+listen = ["0.0.0.0:5432"]
+''')
+w(C,'seed-via-gateway.toml', b'''[[endpoint]]
+upstream = "db.cluster-abc.eu-west-1.rds.amazonaws.com"
+gateway = "bastion.example.com:5432"
+gateway_id = "bastion"
+''')
+# The gateway proof: one well-formed proof (its signatures are not valid:
+# check() does not verify them, STS does), one without a token, a password.
+P='proof'
+nonce = '0123456789abcdef0123456789abcdef'
+tok = 'FwoGZXIvYXdzEJr%2F%2Ftoken%3D'
+sts = ('Action=GetCallerIdentity&Version=2011-06-15&X-Amz-Algorithm=AWS4-HMAC-SHA256&'
+       'X-Amz-Credential=ASIAEXAMPLEKEY000001%2F20251126%2Feu-west-1%2Fsts%2Faws4_request&'
+       'X-Amz-Date=20251126T180000Z&X-Amz-Expires=900&'
+       'X-Amz-SignedHeaders=host%3Bx-rds-iam-proxy-gateway-id%3Bx-rds-iam-proxy-nonce&'
+       f'X-Amz-Security-Token={tok}&X-Amz-Signature={"a" * 64}')
+rds = ('demo.cluster-c0ffee.eu-west-1.rds.amazonaws.com:5432/?Action=connect&DBUser=arianna&'
+       'X-Amz-Algorithm=AWS4-HMAC-SHA256&X-Amz-Credential=ASIAEXAMPLEKEY000001%2F20251126%2Feu-west-1%2Frds-db%2Faws4_request&'
+       f'X-Amz-Date=20251126T180000Z&X-Amz-Expires=900&X-Amz-SignedHeaders=host&X-Amz-Security-Token={tok}&X-Amz-Signature={"b" * 64}')
+w(P, 'seed-valid', f'rds-iam-proxy-proof-v1:{nonce}:{sts}:{rds}'.encode())
+w(P, 'seed-no-token', f'rds-iam-proxy-proof-v1:{nonce}:{sts}:'.encode())
+w(P, 'seed-password', b'hunter2')

@@ -2,9 +2,10 @@
 //! file's tables (`parse_file`), then merged under the command line and
 //! validated (`Config::merge`), as `--config FILE` does.
 //!
-//! Each input is merged twice: under a bare command line, and under one
+//! Each input is merged three times: under a bare command line, under one
 //! that gives `--upstream` and `--listen` (flags that override a single
-//! file endpoint and conflict with several).
+//! file endpoint and conflict with several), and as `rds-iam-proxy gateway`
+//! (the `[gateway]` table applies only there).
 //!
 //! Checks: no panic; an accepted configuration holds what validation
 //! promises (a listener per endpoint, distinct names, non-zero timeouts
@@ -50,8 +51,27 @@ fn line(argv: &[&str]) -> Line {
     Line { args, given }
 }
 
-fn lines() -> &'static [Line; 2] {
-    static LINES: OnceLock<[Line; 2]> = OnceLock::new();
+/// `rds-iam-proxy gateway` with no flags: the file says the rest.
+fn gateway_line() -> Line {
+    let mut cmd = Cli::command();
+    let m = cmd
+        .try_get_matches_from_mut(["rds-iam-proxy", "gateway"])
+        .expect("fixed command line parses");
+    let Some(rds_iam_proxy::cli::Command::Gateway(g)) =
+        Cli::from_arg_matches(&m).expect("matches").command
+    else {
+        panic!("parsed as the gateway subcommand");
+    };
+    let mut args = g.proxy;
+    args.gateway_mode = true;
+    Line {
+        args,
+        given: HashSet::new(),
+    }
+}
+
+fn lines() -> &'static [Line; 3] {
+    static LINES: OnceLock<[Line; 3]> = OnceLock::new();
     LINES.get_or_init(|| {
         [
             line(&["rds-iam-proxy"]),
@@ -62,6 +82,7 @@ fn lines() -> &'static [Line; 2] {
                 "--listen",
                 "127.0.0.1:6432",
             ]),
+            gateway_line(),
         ]
     })
 }
@@ -109,6 +130,20 @@ fn validated(c: &Config) {
     assert!(a.rotate_bytes >= 1024 * 1024 && a.rotate_bytes % (1024 * 1024) == 0);
     assert!(a.queue_capacity >= 16);
     assert!(a.rotate_age.as_secs() >= 1);
+    match &c.gateway {
+        Some(g) => {
+            assert!(!g.id.is_empty() && !g.trust_accounts.is_empty() && !g.trust_roles.is_empty());
+            assert!(!c.allow_remote_clients && c.endpoints.iter().all(|e| e.gateway.is_none()));
+            assert!(g.peers.is_empty() || g.instance.is_some());
+        }
+        None => assert!(
+            c.allow_remote_clients
+                || c.endpoints
+                    .iter()
+                    .all(|e| e.listen.iter().all(|a| a.ip().is_loopback())),
+            "local mode listening where others reach it"
+        ),
+    }
 }
 
 pub fn check(data: &[u8]) {

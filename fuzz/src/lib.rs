@@ -6,6 +6,7 @@ pub mod audit_tap;
 pub mod backend;
 pub mod config;
 pub mod frame;
+pub mod proof;
 pub mod saml;
 pub mod startup;
 

@@ -288,6 +288,124 @@ mod tests {
         );
     }
 
+    /// A one-connection HTTP server for the client tests: reads the
+    /// request head, then sends `answer` (or nothing, when `None`); the
+    /// head it read comes back through the join handle.
+    async fn serve_once(answer: Option<String>) -> (Dial, tokio::task::JoinHandle<String>) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let task = tokio::spawn(async move {
+            let (mut s, _) = listener.accept().await.unwrap();
+            let mut head = Vec::new();
+            let mut buf = [0u8; 1024];
+            while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                let n = s.read(&mut buf).await.unwrap();
+                if n == 0 {
+                    break;
+                }
+                head.extend_from_slice(&buf[..n]);
+            }
+            match answer {
+                Some(a) => s.write_all(a.as_bytes()).await.unwrap(),
+                None => tokio::time::sleep(Duration::from_secs(30)).await,
+            }
+            String::from_utf8_lossy(&head).into_owned()
+        });
+        let dial = Dial {
+            https: false,
+            host: "127.0.0.1".into(),
+            port,
+        };
+        (dial, task)
+    }
+
+    fn call() -> StsCall {
+        StsCall {
+            host: "sts.eu-west-1.amazonaws.com".into(),
+            path_and_query: crate::secret::Secret::new("/?Action=GetCallerIdentity&X=1".into()),
+            gateway_id: "bastion".into(),
+            nonce: "0123456789abcdef0123456789abcdef".into(),
+        }
+    }
+
+    fn endpoint(dial: Dial, timeout: Duration) -> StsEndpoint {
+        StsEndpoint {
+            dial: Some(dial),
+            tls: None,
+            timeout,
+        }
+    }
+
+    /// The request names the signed STS host and carries both signed
+    /// headers; answers are read for what they are: a caller, STS's
+    /// refusal, a server error or a redirect (never followed), silence.
+    #[tokio::test]
+    async fn asks_sts_and_reads_each_kind_of_answer() {
+        let http = |status: &str, extra: &str, body: &str| {
+            format!(
+                "HTTP/1.1 {status}\r\n{extra}Content-Length: {}\r\n\r\n{body}",
+                body.len()
+            )
+        };
+        let ok = http(
+            "200 OK",
+            "",
+            "<GetCallerIdentityResponse><GetCallerIdentityResult><Arn>arn:aws:sts::111122223333:assumed-role/AWSReservedSSO_D_0123456789abcdef/ari</Arn><UserId>AROAX:ari</UserId><Account>111122223333</Account></GetCallerIdentityResult></GetCallerIdentityResponse>",
+        );
+        let (dial, head) = serve_once(Some(ok)).await;
+        let caller = get_caller_identity(&endpoint(dial, Duration::from_secs(5)), &call())
+            .await
+            .unwrap();
+        assert_eq!(caller.user_id, "AROAX:ari");
+        let head = head.await.unwrap().to_ascii_lowercase();
+        assert!(
+            head.starts_with("get /?action=getcalleridentity&x=1 http/1.1\r\n"),
+            "{head}"
+        );
+        assert!(
+            head.contains("host: sts.eu-west-1.amazonaws.com\r\n"),
+            "{head}"
+        );
+        assert!(
+            head.contains("x-rds-iam-proxy-gateway-id: bastion\r\n"),
+            "{head}"
+        );
+        assert!(
+            head.contains("x-rds-iam-proxy-nonce: 0123456789abcdef0123456789abcdef\r\n"),
+            "{head}"
+        );
+
+        let refused = http(
+            "403 Forbidden",
+            "",
+            "<ErrorResponse><Error><Code>SignatureDoesNotMatch</Code><Message>no</Message></Error><RequestId>r</RequestId></ErrorResponse>",
+        );
+        let (dial, _) = serve_once(Some(refused)).await;
+        let e = get_caller_identity(&endpoint(dial, Duration::from_secs(5)), &call()).await;
+        assert!(
+            matches!(e, Err(StsError::Refused { ref code, .. }) if code == "SignatureDoesNotMatch"),
+            "{e:?}"
+        );
+
+        for answer in [
+            http("500 Internal Server Error", "", ""),
+            http("302 Found", "Location: http://evil.example/\r\n", ""),
+            http("200 OK", "", "not xml!!"),
+        ] {
+            let (dial, _) = serve_once(Some(answer.clone())).await;
+            let e = get_caller_identity(&endpoint(dial, Duration::from_secs(5)), &call()).await;
+            assert!(
+                matches!(e, Err(StsError::Unavailable(_))),
+                "{answer}: {e:?}"
+            );
+        }
+
+        let (dial, _) = serve_once(None).await;
+        let e = get_caller_identity(&endpoint(dial, Duration::from_millis(200)), &call()).await;
+        assert!(matches!(e, Err(StsError::Timeout(_))), "{e:?}");
+    }
+
     #[test]
     fn endpoint_urls() {
         assert_eq!(
