@@ -16,7 +16,7 @@ use crate::error::{ConnError, Names, sqlstate};
 use crate::gateway::PersonPlace;
 use crate::gateway::login::{self, GatewayError};
 use crate::handshake::{self, ClientRequest, Negotiated};
-use crate::identity::{Identity, SourceKind};
+use crate::identity::Identity;
 use crate::pg::backend;
 use crate::pg::backend::{ErrorMessage, Severity};
 use crate::pg::startup::StartupMessage;
@@ -563,22 +563,8 @@ async fn open_session(
                 timeout: config.handshake_timeout,
             };
             let admitted = login::admit(gw, stream, asking).await?;
-            let p = admitted.proven;
-            info!(
-                person = %p.person,
-                arn = %p.caller.arn,
-                access_key_id = %p.access_key_id,
-                "gateway proof accepted"
-            );
-            let identity = Identity {
-                source: SourceKind::Gateway,
-                user_name: p.person,
-                arn: p.caller.arn,
-                account: p.caller.account,
-                access_key_id: p.access_key_id,
-                expires: None,
-            };
-            (p.token, Arc::new(identity), Some(admitted.place))
+            let (token, identity, place) = admitted.into_session();
+            (token, Arc::new(identity), Some(place))
         }
         None => {
             // Before any token exists: may this identity use the requested user?

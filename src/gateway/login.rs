@@ -86,6 +86,35 @@ pub struct Admitted {
     pub place: PersonPlace,
 }
 
+impl Admitted {
+    /// The person's token, their identity as the session and its audit
+    /// records name it, and their place among their sessions.
+    pub fn into_session(
+        self,
+    ) -> (
+        crate::secret::Secret,
+        crate::identity::Identity,
+        PersonPlace,
+    ) {
+        let p = self.proven;
+        tracing::info!(
+            person = %p.person,
+            arn = %p.caller.arn,
+            access_key_id = %p.access_key_id,
+            "gateway proof accepted"
+        );
+        let identity = crate::identity::Identity {
+            source: crate::identity::SourceKind::Gateway,
+            user_name: p.person,
+            arn: p.caller.arn,
+            account: p.caller.account,
+            access_key_id: p.access_key_id,
+            expires: None,
+        };
+        (p.token, identity, self.place)
+    }
+}
+
 /// What the connection knows when it asks for the proof.
 #[derive(Debug, Clone, Copy)]
 pub struct Asking<'a> {
