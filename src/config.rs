@@ -1121,28 +1121,7 @@ mod tests {
     /// binary's tests (tests/ops.rs): clap reads the real environment.
     /// `rds-iam-proxy gateway ARGS`, flags over an optional file.
     fn load_gateway(args: &[&str], toml: Option<&str>) -> Result<Config, ConfigError> {
-        let mut cmd = crate::cli::Cli::command();
-        let argv = [&["rds-iam-proxy", "gateway"], args].concat();
-        let m = cmd.try_get_matches_from_mut(argv).unwrap();
-        let Some(crate::cli::Command::Gateway(mut g)) =
-            crate::cli::Cli::from_arg_matches(&m).unwrap().command
-        else {
-            unreachable!("parsed as the gateway subcommand")
-        };
-        g.proxy.gateway_mode = true;
-        let sub = m.subcommand_matches("gateway").unwrap();
-        let given = |id: &str| {
-            matches!(
-                sub.value_source(id),
-                Some(ValueSource::CommandLine | ValueSource::EnvVariable)
-            )
-        };
-        let path = Path::new("/etc/p.toml");
-        let file = match toml {
-            Some(t) => Some((path.to_owned(), parse_file(path, t)?)),
-            None => None,
-        };
-        Config::merge(&g.proxy, &given, file, &Env::default())
+        load(&[&["gateway"], args].concat(), toml)
     }
 
     /// Gateway mode and the local proxy's --gateway: what each needs, what
@@ -1304,11 +1283,20 @@ mod tests {
         assert!(err.to_string().contains("local proxy only"), "{err}");
     }
 
+    /// Flags over an optional file, as main() loads them; `gateway` as the
+    /// first argument runs the gateway subcommand.
     fn load(args: &[&str], toml: Option<&str>) -> Result<Config, ConfigError> {
         let mut cmd = crate::cli::Cli::command();
         let argv = [&["rds-iam-proxy"], args].concat();
-        let m = cmd.try_get_matches_from_mut(argv).unwrap();
-        let parsed = crate::cli::Cli::from_arg_matches(&m).unwrap();
+        let top = cmd.try_get_matches_from_mut(argv).unwrap();
+        let parsed = crate::cli::Cli::from_arg_matches(&top).unwrap();
+        let (m, proxy) = match parsed.command {
+            Some(crate::cli::Command::Gateway(mut g)) => {
+                g.proxy.gateway_mode = true;
+                (top.subcommand_matches("gateway").unwrap(), g.proxy)
+            }
+            _ => (&top, parsed.proxy),
+        };
         let given = |id: &str| {
             matches!(
                 m.value_source(id),
@@ -1320,7 +1308,7 @@ mod tests {
             Some(t) => Some((path.to_owned(), parse_file(path, t)?)),
             None => None,
         };
-        Config::merge(&parsed.proxy, &given, file, &Env::default())
+        Config::merge(&proxy, &given, file, &Env::default())
     }
 
     /// Found by the config fuzz target: the rendering left the local CA's

@@ -10,12 +10,12 @@
 
 mod support;
 
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
 use support::bed::{AwsHome, Bed, http_json, unique_temp_path};
-use support::proxy::{Proxy, http_get, metric, run};
+use support::proxy::{Proxy, http_get, metric, psql_sleep_then_interrupt, run};
 
 const GATEWAY_ID: &str = "bastion.test";
 const ACCOUNT: &str = "111122223333";
@@ -406,35 +406,17 @@ fn a_local_proxy_reaches_the_cluster_through_the_gateway() {
     assert!(!ok);
     assert!(err.contains("is not yours"), "{err}");
 
-    let child = local
-        .psql("erin", "application_name=gw-cancel-me")
-        .args(["-c", "select pg_sleep(60)"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let active = "select count(*) from pg_stat_activity where application_name = 'gw-cancel-me' and state = 'active'";
-    while bed.admin_sql(active).trim() != "1" {
-        assert!(Instant::now() < deadline, "the sleep never started");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    let started = Instant::now();
-    let status = Command::new("kill")
-        .args(["-INT", &child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(status.success());
-    let out = child.wait_with_output().unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
+    let (stderr, lasted) = psql_sleep_then_interrupt(&local, bed, "erin", "gw-cancel-me");
     assert!(
         stderr.contains("canceling statement due to user request"),
         "{stderr}\n{}",
         gw.log()
     );
-    assert!(started.elapsed() < Duration::from_secs(30));
-    assert!(local.log().contains("cancel request forwarded"));
-    assert!(gw.log().contains("cancel request forwarded"));
+    assert!(lasted < Duration::from_secs(30));
+    // Each logs once it has seen its server close, which can be after
+    // psql has its answer.
+    local.wait_for_log("cancel request forwarded", Duration::from_secs(10));
+    gw.wait_for_log("cancel request forwarded", Duration::from_secs(10));
 
     let starts = sessions_started(&audit);
     assert!(
@@ -508,11 +490,11 @@ async fn a_cancel_sent_to_another_gateway_instance_reaches_the_session() {
         Some(&tokio_postgres::error::SqlState::QUERY_CANCELED),
         "{err}"
     );
-    assert!(
-        b.log()
-            .contains("cancel request sent to the gateway instance that issued its key"),
-        "{}",
-        b.log()
-    );
-    assert!(a.log().contains("cancel request forwarded"), "{}", a.log());
+    tokio::task::block_in_place(|| {
+        b.wait_for_log(
+            "cancel request sent to the gateway instance that issued its key",
+            Duration::from_secs(10),
+        );
+        a.wait_for_log("cancel request forwarded", Duration::from_secs(10));
+    });
 }

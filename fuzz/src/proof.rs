@@ -37,18 +37,7 @@ pub fn check(data: &[u8]) {
         .expose()
         .strip_prefix("/?")
         .expect("a rebuilt query starts with /?");
-    const KEYS: &[&str] = &[
-        "Action",
-        "Version",
-        "X-Amz-Algorithm",
-        "X-Amz-Credential",
-        "X-Amz-Date",
-        "X-Amz-Expires",
-        "X-Amz-SignedHeaders",
-        "X-Amz-Security-Token",
-        "X-Amz-Signature",
-    ];
-    let again = StrictQuery::parse(query, KEYS).expect("the rebuilt query reads back");
+    let again = StrictQuery::parse(query, proof::STS_KEYS).expect("the rebuilt query reads back");
     assert_eq!(again.get("Action"), Some("GetCallerIdentity"));
     assert_eq!(again.get("X-Amz-Signature"), Some(c.signature.as_str()));
     let input = std::str::from_utf8(data).expect("an accepted proof is UTF-8");

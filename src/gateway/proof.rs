@@ -57,7 +57,7 @@ pub const STS_EXPIRES: u64 = 900;
 const STS_ACTION: &str = "GetCallerIdentity";
 const STS_VERSION: &str = "2011-06-15";
 /// The query keys a GetCallerIdentity proof may carry, each once.
-const STS_KEYS: &[&str] = &[
+pub const STS_KEYS: &[&str] = &[
     "Action",
     "Version",
     "X-Amz-Algorithm",

@@ -11,11 +11,8 @@ not against the proxy under test.
 import datetime as dt
 import json
 import os
-import queue
 import secrets
 import subprocess
-import sys
-import threading
 import time
 import urllib.error
 import urllib.request
@@ -24,9 +21,8 @@ from unittest import mock
 import botocore.auth
 import botocore.session
 import pytest
+from conftest import running_bed
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-BED_PY = os.path.join(REPO, "testbed", "bed.py")
 PAM_FAILED = 'FATAL:  PAM authentication failed for user "{}"'
 FIGURES = {}
 
@@ -38,26 +34,11 @@ pytestmark = pytest.mark.skipif(
 @pytest.fixture(scope="session")
 def bed():
     t0 = time.monotonic()
-    proc = subprocess.Popen(
-        [sys.executable, BED_PY, "run"],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )
-    lines = queue.Queue()
-    threading.Thread(target=lambda: lines.put(proc.stdout.readline()), daemon=True).start()
-    try:
-        line = lines.get(timeout=60)
-    except queue.Empty:
-        line = ""
-    if not line:
-        proc.kill()
-        pytest.fail(f"bed did not start:\n{proc.stderr.read()}")
-    info = json.loads(line)
-    FIGURES["bed start (s, as seen by the test)"] = round(time.monotonic() - t0, 2)
-    FIGURES["bed start (s, inside bed.py)"] = info["start_secs"]
-    info["users"] = set()
-    yield info
-    proc.stdin.close()  # EOF is the stop signal
-    proc.wait(30)
+    with running_bed() as info:
+        FIGURES["bed start (s, as seen by the test)"] = round(time.monotonic() - t0, 2)
+        FIGURES["bed start (s, inside bed.py)"] = info["start_secs"]
+        info["users"] = set()
+        yield info
     assert not os.path.exists(info["state_dir"]), "bed left its state directory behind"
     assert not os.path.exists(f"/etc/pam.d/{info['pam_service']}"), "bed left its PAM service behind"
 

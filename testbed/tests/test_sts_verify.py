@@ -13,13 +13,9 @@ import datetime as dt
 import http.client
 import json
 import os
-import queue
 import re
 import secrets
 import socket
-import subprocess
-import sys
-import threading
 import time
 import urllib.parse
 import urllib.request
@@ -30,9 +26,8 @@ import botocore.auth
 import botocore.awsrequest
 import botocore.credentials
 import pytest
+from conftest import running_bed
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-BED_PY = os.path.join(REPO, "testbed", "bed.py")
 STS_HOST = "sts.eu-west-1.amazonaws.com"
 GATEWAY_HEADER = "x-rds-iam-proxy-gateway-id"
 
@@ -43,22 +38,8 @@ pytestmark = pytest.mark.skipif(
 
 @pytest.fixture(scope="module")
 def bed():
-    proc = subprocess.Popen(
-        [sys.executable, BED_PY, "run"],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )
-    lines = queue.Queue()
-    threading.Thread(target=lambda: lines.put(proc.stdout.readline()), daemon=True).start()
-    try:
-        line = lines.get(timeout=60)
-    except queue.Empty:
-        line = ""
-    if not line:
-        proc.kill()
-        pytest.fail(f"bed did not start:\n{proc.stderr.read()}")
-    yield json.loads(line)
-    proc.stdin.close()  # EOF is the stop signal
-    proc.wait(30)
+    with running_bed() as info:
+        yield info
 
 
 def control(url, path, body=None):

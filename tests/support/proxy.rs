@@ -337,6 +337,44 @@ pub fn addr_after(log: &str, phrase: &str) -> Option<SocketAddr> {
         .find_map(|a| a.parse().ok())
 }
 
+/// psql through `proxy` runs a 60 s sleep as `user`, tagged with
+/// `app`; once the server shows it running, psql gets SIGINT (what Ctrl-C
+/// sends: a cancel request). Returns psql's stderr and how long the sleep
+/// lasted after the signal.
+pub fn psql_sleep_then_interrupt(
+    proxy: &Proxy,
+    bed: &super::bed::Bed,
+    user: &str,
+    app: &str,
+) -> (String, Duration) {
+    let child = proxy
+        .psql(user, &format!("application_name={app}"))
+        .args(["-c", "select pg_sleep(60)"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let active = format!(
+        "select count(*) from pg_stat_activity where application_name = '{app}' and state = 'active'"
+    );
+    while bed.admin_sql(&active).trim() != "1" {
+        assert!(Instant::now() < deadline, "the sleep never started");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let started = Instant::now();
+    let status = Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let out = child.wait_with_output().unwrap();
+    (
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+        started.elapsed(),
+    )
+}
+
 /// Removes inherited PG* variables so only the test's settings count.
 pub fn clean_pg_env(cmd: &mut Command) {
     for (k, _) in std::env::vars_os() {
