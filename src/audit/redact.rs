@@ -22,10 +22,23 @@ pub fn mentions_password(text: &[u8]) -> bool {
 }
 
 /// True if `text` may hold a secret value: it mentions a password, or a
-/// URI (whose user information may carry one, as in
-/// `postgresql://user:secret@host`).
+/// `postgresql://` or `postgres://` URI (whose user information may carry
+/// one, as in `postgresql://user:secret@host`). Other URIs (`https://`)
+/// are left alone: neither redacted nor, when unreadable, withheld.
 fn mentions_secret(text: &[u8]) -> bool {
-    mentions_password(text) || memchr::memmem::find(text, b"://").is_some()
+    mentions_password(text) || mentions_postgres_uri(text)
+}
+
+/// True if `text` holds `postgres://` or `postgresql://`, in any case.
+pub fn mentions_postgres_uri(text: &[u8]) -> bool {
+    memchr::memmem::find_iter(text, b"://").any(|i| {
+        let before = &text[..i];
+        let ends_with = |scheme: &[u8]| {
+            before.len() >= scheme.len()
+                && before[before.len() - scheme.len()..].eq_ignore_ascii_case(scheme)
+        };
+        ends_with(b"postgres") || ends_with(b"postgresql")
+    })
 }
 
 /// True if any statement in `text` sets a role's password: CREATE/ALTER
@@ -113,9 +126,10 @@ impl AsRef<[u8]> for Shown<'_> {
 /// What stands in place of a secret value.
 pub const REDACTED: &str = "<redacted>";
 
-/// Text withheld whole: it mentions a password and the proxy cannot read
-/// it the way the server does.
-pub const WITHHELD: &str = "<withheld: mentions a password and could not be read>";
+/// Text withheld whole: it mentions a password or a connection URI and
+/// the proxy cannot read it the way the server does.
+pub const WITHHELD: &str =
+    "<withheld: mentions a password or a connection URI and could not be read>";
 
 /// The text with its secret values replaced by `'<redacted>'`, everything
 /// else verbatim (comments included). Secret values are what PostgreSQL's
@@ -125,8 +139,8 @@ pub const WITHHELD: &str = "<withheld: mentions a password and could not be read
 /// connection-string literal (dblink, subscriptions) and the password of a
 /// `postgresql://` or `postgres://` URI's user information, and the same inside
 /// a string that holds SQL (a DO block or a function body, an EXECUTE
-/// argument), read again as SQL. Text that mentions a password and that
-/// PostgreSQL's lexer cannot read is withheld whole.
+/// argument), read again as SQL. Text that mentions a password or such a
+/// URI and that PostgreSQL's lexer cannot read is withheld whole.
 pub fn redact(text: &[u8]) -> Shown<'_> {
     redact_as(text, true)
 }
@@ -155,7 +169,7 @@ pub fn redact_value(v: &[u8]) -> Shown<'_> {
     if mentions_password(v) {
         return Shown::Redacted(Cow::Borrowed(REDACTED));
     }
-    if memchr::memmem::find(v, b"://").is_some()
+    if mentions_postgres_uri(v)
         && let Some(out) = redact_uri(&String::from_utf8_lossy(v))
     {
         return Shown::Redacted(Cow::Owned(out));
@@ -477,6 +491,22 @@ mod tests {
             shown("create ROLE x LOGIN PASSWORD $$x$$'  SELECT '--'"),
             "create ROLE x LOGIN PASSWORD '<redacted>' '  SELECT '--'"
         );
+    }
+
+    /// Found by the audit_tap fuzz target (long run): text that the lexer
+    /// cannot read and that holds `://` but no password was withheld whole;
+    /// only a password or a postgres URI may be a secret.
+    #[test]
+    fn only_postgres_uris_count_as_secrets() {
+        assert!(mentions_postgres_uri(b"x PostgreSQL://u:p@h"));
+        assert!(mentions_postgres_uri(b"postgres://h"));
+        assert!(!mentions_postgres_uri(b"https://u:p@h passwor:// ://"));
+        assert!(!mentions_postgres_uri(b"gres://h"));
+        let unreadable = "select 'https://example.com/ and an unterminated string";
+        assert_eq!(shown(unreadable), unreadable);
+        assert!(!redact(unreadable.as_bytes()).is_redacted());
+        let unreadable = "select 'postgres://u:p@h and an unterminated string";
+        assert_eq!(shown(unreadable), WITHHELD);
     }
 
     #[test]
