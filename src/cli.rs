@@ -57,7 +57,7 @@ pub enum Command {
     /// Run as a gateway shared by several people (a bastion): each client
     /// proves who they are with their own AWS session (see
     /// `gateway-password`), and logs in with a token they signed
-    /// themselves. Takes the proxy's flags and the gateway's below.
+    /// themselves. Takes the proxy's flags and those under "Gateway mode".
     Gateway(GatewayCommand),
     /// Print a fresh proof of your AWS identity for a gateway, to use as
     /// the password of one connection (PGPASSWORD) through it.
