@@ -134,6 +134,8 @@ pub enum StartError {
     Audit(#[from] crate::audit::WriterError),
     #[error("STS for gateway proofs: {0}")]
     StsTls(TlsSetupError),
+    #[error("CA bundle for the gateway's peers (--gateway-peer-ca): {0}")]
+    PeerCa(TlsSetupError),
     #[error("cannot start the session worker threads: {0}")]
     Workers(std::io::Error),
     #[error("cannot listen on {what}: {source}")]
@@ -244,28 +246,24 @@ pub async fn build(
             } else {
                 Some(tls::sts_client_config().map_err(StartError::StsTls)?)
             };
-            let peer_tls = if g.peers.is_empty() {
-                None
+            let peers = if g.peers.is_empty() {
+                Vec::new()
             } else {
-                Some(tls::client_config(&g.peer_ca).map_err(StartError::UpstreamCa)?)
-            };
-            let peers = g
-                .peers
-                .iter()
-                .filter_map(|p| {
-                    let tls = peer_tls.clone()?;
-                    Some((
-                        p.instance,
-                        Arc::new(Endpoint {
+                let peer_tls = tls::client_config(&g.peer_ca).map_err(StartError::PeerCa)?;
+                g.peers
+                    .iter()
+                    .map(|p| {
+                        let endpoint = Endpoint {
                             host: p.host.clone(),
                             port: p.port,
                             connect_to: None,
                             connect_timeout: config.connect_timeout,
-                            tls,
-                        }),
-                    ))
-                })
-                .collect();
+                            tls: peer_tls.clone(),
+                        };
+                        (p.instance, Arc::new(endpoint))
+                    })
+                    .collect()
+            };
             Some(Arc::new(crate::gateway::Gateway::new(
                 g, sts_region, tls, peers,
             )))

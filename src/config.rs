@@ -971,7 +971,7 @@ fn toml_string(v: &str) -> String {
     out
 }
 
-fn pick<T>(flag_given: bool, flag: T, file: Option<T>) -> T {
+pub(crate) fn pick<T>(flag_given: bool, flag: T, file: Option<T>) -> T {
     match file {
         Some(v) if !flag_given => v,
         _ => flag,

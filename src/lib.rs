@@ -11,7 +11,11 @@
 //! - [`peer`]: which local OS user is behind a loopback or unix connection.
 //! - [`identity`]: the identity source (SSO, SAML, workload), cached AWS
 //!   credentials and which database users they may use.
-//! - [`token`]: the SigV4-presigned RDS IAM token.
+//! - [`gateway`]: gateway mode, a bastion several people share: each
+//!   client's proof of identity (checked, once, with STS) instead of the
+//!   proxy's own identity.
+//! - [`token`]: the SigV4-presigned RDS IAM token ([`sigv4`] presigns it,
+//!   and the gateway proof's GetCallerIdentity).
 //! - [`upstream`]: resolve, connect, verified TLS, log in with the token.
 //! - [`forward`]: both directions until the session ends.
 //! - [`cancel`]: proxy-issued cancel keys and their upstream targets.

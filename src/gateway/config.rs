@@ -8,7 +8,7 @@ use clap::Args;
 use serde::Deserialize;
 
 use crate::cli::parse_duration;
-use crate::config::{ConfigError, Given};
+use crate::config::{ConfigError, Given, pick};
 
 /// Roles trusted when none are given: IAM Identity Center permission
 /// sets, whose trust policy admits federation alone, so that the session
@@ -115,7 +115,7 @@ pub struct PeerArgs {
 }
 
 /// The `[gateway]` table: the flags above without their prefix.
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct GatewayFile {
     pub id: Option<String>,
@@ -212,19 +212,7 @@ pub fn merge(
         }
         return Ok(None);
     }
-    let f = file.map_or_else(GatewayFile::default, |f| GatewayFile {
-        id: f.id.clone(),
-        trust_accounts: f.trust_accounts.clone(),
-        trust_roles: f.trust_roles.clone(),
-        sts_region: f.sts_region.clone(),
-        sts_endpoint_url: f.sts_endpoint_url.clone(),
-        sts_timeout: f.sts_timeout.clone(),
-        max_sessions_per_person: f.max_sessions_per_person,
-        max_failed_proofs_per_source: f.max_failed_proofs_per_source,
-        instance: f.instance,
-        peers: f.peers.clone(),
-        peer_ca: f.peer_ca.clone(),
-    });
+    let f = file.cloned().unwrap_or_default();
     let list = |flag: &str, cli: &[String], file: Option<Vec<String>>| {
         if given(flag) || file.is_none() {
             cli.to_vec()
@@ -303,19 +291,16 @@ pub fn merge(
         }
         _ => cli.sts_timeout,
     };
-    let pick = |flag: &str, cli: usize, file: Option<usize>| match file {
-        Some(v) if !given(flag) => v,
-        _ => cli,
-    };
     let max_sessions_per_person = pick(
-        "max_sessions_per_person",
+        given("max_sessions_per_person"),
         cli.max_sessions_per_person,
         f.max_sessions_per_person,
     );
-    let max_failed_proofs_per_source = match f.max_failed_proofs_per_source {
-        Some(v) if !given("max_failed_proofs_per_source") => v,
-        _ => cli.max_failed_proofs_per_source,
-    };
+    let max_failed_proofs_per_source = pick(
+        given("max_failed_proofs_per_source"),
+        cli.max_failed_proofs_per_source,
+        f.max_failed_proofs_per_source,
+    );
     for (key, zero) in [
         ("sts_timeout", sts_timeout.is_zero()),
         ("max_sessions_per_person", max_sessions_per_person == 0),

@@ -44,9 +44,7 @@ impl GatewayError {
                 GatewayRefusal::Proof(P::OtherUser { .. }) => "token_for_another_user",
                 GatewayRefusal::Proof(P::OtherCredentials) => "token_of_other_credentials",
                 GatewayRefusal::Proof(P::OtherEndpoint(_)) => "token_for_another_endpoint",
-                GatewayRefusal::Proof(P::OtherStsRegion { .. } | P::OtherGateway(_)) => {
-                    "proof_for_another_gateway"
-                }
+                GatewayRefusal::Proof(P::OtherStsRegion { .. }) => "proof_for_another_gateway",
                 GatewayRefusal::Proof(_) => "malformed_proof",
                 GatewayRefusal::Replay(super::Replay::Seen) => "replayed",
                 GatewayRefusal::Replay(super::Replay::Full) => "replay_set_full",

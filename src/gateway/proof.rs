@@ -198,8 +198,6 @@ pub enum ProofError {
     Sts(&'static str),
     #[error("RDS token part: {0}")]
     Token(&'static str),
-    #[error("the proof is for gateway {0:?}, not this one")]
-    OtherGateway(String),
     #[error("the proof was signed in region {got:?}; this gateway verifies with STS in {want:?}")]
     OtherStsRegion { got: String, want: String },
     #[error("the proof was signed more than 15 minutes ago")]
