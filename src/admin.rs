@@ -165,10 +165,10 @@ pub async fn readiness(app: &AppContext, eps: &[Arc<EndpointContext>]) -> Result
         reasons.push("listeners not up yet".to_owned());
     }
     let config = app.config.load_full();
-    if app.metrics.active() >= config.max_connections {
+    if app.metrics.active() >= config.live.max_connections {
         reasons.push(format!(
             "at the connection limit ({})",
-            config.max_connections
+            config.live.max_connections
         ));
     }
     match tokio::time::timeout(CHECK_TIMEOUT, app.identity.current()).await {
@@ -182,7 +182,7 @@ pub async fn readiness(app: &AppContext, eps: &[Arc<EndpointContext>]) -> Result
         Ok(Err(e)) => reasons.push(format!("AWS identity: {e}")),
         Err(_) => reasons.push("AWS identity: no answer within 5s".to_owned()),
     }
-    if config.admin.as_ref().is_some_and(|a| a.upstream_check) {
+    if config.live.admin_upstream_check {
         for ep in eps {
             let live = ep.live();
             match tokio::time::timeout(

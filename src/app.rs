@@ -147,7 +147,7 @@ pub enum StartError {
 
 /// Loads an endpoint's TLS configurations (at start and on SIGHUP).
 pub fn endpoint_tls(e: &EndpointConfig, config: &Config) -> Result<EndpointTls, StartError> {
-    let server_tls = match &e.client_tls {
+    let server_tls = match &e.live.client_tls {
         ClientTls::Files { cert, key } => {
             tls::server_config(cert, key).map_err(StartError::ClientTls)?
         }
@@ -161,20 +161,20 @@ pub fn endpoint_tls(e: &EndpointConfig, config: &Config) -> Result<EndpointTls, 
     };
     // Through a gateway, the gateway is the upstream the proxy dials and
     // verifies; tokens are still signed for the cluster (EndpointContext).
-    let endpoint = match &e.gateway {
+    let endpoint = match &e.start.gateway {
         Some(g) => Endpoint {
             host: g.host.clone(),
             port: g.port,
             connect_to: None,
-            connect_timeout: config.connect_timeout,
+            connect_timeout: config.live.connect_timeout,
             tls: tls::client_config(&g.ca).map_err(StartError::UpstreamCa)?,
         },
         None => Endpoint {
-            host: e.upstream_host.clone(),
-            port: e.upstream_port,
-            connect_to: e.connect_to.clone(),
-            connect_timeout: config.connect_timeout,
-            tls: tls::client_config(&e.upstream_ca).map_err(StartError::UpstreamCa)?,
+            host: e.start.upstream_host.clone(),
+            port: e.start.upstream_port,
+            connect_to: e.live.connect_to.clone(),
+            connect_timeout: config.live.connect_timeout,
+            tls: tls::client_config(&e.live.upstream_ca).map_err(StartError::UpstreamCa)?,
         },
     };
     Ok(EndpointTls {
@@ -195,27 +195,29 @@ pub async fn build(
     ),
     StartError,
 > {
-    let first_region = config.endpoints.iter().find_map(|e| e.region.clone());
+    let first_region = config.endpoints.iter().find_map(|e| e.start.region.clone());
     let sdk =
-        IdentityService::load_sdk_config(config.profile.as_deref(), first_region.as_deref()).await;
+        IdentityService::load_sdk_config(config.start.profile.as_deref(), first_region.as_deref())
+            .await;
     let mut endpoints = Vec::new();
     for e in &config.endpoints {
         let region = e
+            .start
             .region
             .clone()
             .or_else(|| sdk.region().map(|r| r.to_string()))
             .ok_or(StartError::NoRegion)?;
         let live = endpoint_tls(e, &config)?;
-        if let ClientTls::Local { state_dir } = &e.client_tls {
+        if let ClientTls::Local { state_dir } = &e.live.client_tls {
             info!(
-                endpoint = %e.name,
+                endpoint = %e.start.name,
                 "clients can verify the proxy with: sslmode=verify-full sslrootcert={}",
                 state_dir.join("ca.crt").display()
             );
         }
         endpoints.push(Arc::new(EndpointContext {
-            name: e.name.clone(),
-            upstream_name: match &e.gateway {
+            name: e.start.name.clone(),
+            upstream_name: match &e.start.gateway {
                 Some(g) => format!(
                     "{} (through the gateway {}:{})",
                     e.upstream_name(),
@@ -224,14 +226,14 @@ pub async fn build(
                 ),
                 None => e.upstream_name(),
             },
-            cluster_host: e.upstream_host.clone(),
-            cluster_port: e.upstream_port,
-            gateway_id: e.gateway.as_ref().map(|g| g.id.clone()),
+            cluster_host: e.start.upstream_host.clone(),
+            cluster_port: e.start.upstream_port,
+            gateway_id: e.start.gateway.as_ref().map(|g| g.id.clone()),
             region,
             live: ArcSwap::from_pointee(live),
         }));
     }
-    let gateway = match &config.gateway {
+    let gateway = match &config.start.gateway {
         Some(g) => {
             let sts_region = match &g.sts_region {
                 Some(r) => r.clone(),
@@ -257,7 +259,7 @@ pub async fn build(
                             host: p.host.clone(),
                             port: p.port,
                             connect_to: None,
-                            connect_timeout: config.connect_timeout,
+                            connect_timeout: config.live.connect_timeout,
                             tls: peer_tls.clone(),
                         };
                         (p.instance, Arc::new(endpoint))
@@ -270,12 +272,13 @@ pub async fn build(
         }
         None => None,
     };
-    let instance = config.gateway.as_ref().and_then(|g| g.instance);
-    let peers = PeerPolicy::from_allow_list(crate::peer::own_uid()?, &config.allow_local_users)?;
-    let audit = Arc::new(crate::audit::Auditor::start(config.audit.clone())?);
-    let identity = IdentityService::new(&sdk, config.identity.clone());
+    let instance = config.start.gateway.as_ref().and_then(|g| g.instance);
+    let peers =
+        PeerPolicy::from_allow_list(crate::peer::own_uid()?, &config.start.allow_local_users)?;
+    let audit = Arc::new(crate::audit::Auditor::start(config.start.audit.clone())?);
+    let identity = IdentityService::new(&sdk, config.start.identity.clone());
     let (phase_tx, phase) = watch::channel(Phase::Running);
-    let workers = crate::workers::SessionWorkers::start(config.worker_threads)
+    let workers = crate::workers::SessionWorkers::start(config.start.worker_threads)
         .map_err(StartError::Workers)?;
     let app = Arc::new(AppContext {
         config: ArcSwap::from_pointee(config),
@@ -312,7 +315,7 @@ impl Server {
         let config = app.config.load_full();
         let mut bound = Vec::new();
         for (e, ep) in config.endpoints.iter().zip(&endpoints) {
-            for addr in &e.listen {
+            for addr in &e.start.listen {
                 let l = Listener::tcp(*addr)
                     .await
                     .map_err(|source| StartError::Bind {
@@ -321,7 +324,7 @@ impl Server {
                     })?;
                 bound.push((l, ep.clone()));
             }
-            if let Some(dir) = &e.unix_socket {
+            if let Some(dir) = &e.start.unix_socket {
                 let l = Listener::unix(dir, e.unix_socket_port()).map_err(|source| {
                     StartError::Bind {
                         what: dir.display().to_string(),
@@ -331,20 +334,20 @@ impl Server {
                 bound.push((l, ep.clone()));
             }
         }
-        let admin_addr = match &config.admin {
-            Some(a) => {
-                let l = tokio::net::TcpListener::bind(a.listen)
+        let admin_addr = match config.start.admin_listen {
+            Some(listen) => {
+                let l = tokio::net::TcpListener::bind(listen)
                     .await
                     .map_err(|source| StartError::Bind {
-                        what: format!("{} (admin)", a.listen),
+                        what: format!("{listen} (admin)"),
                         source,
                     })?;
                 let addr = l.local_addr().ok();
-                if !a.listen.ip().is_loopback() {
-                    warn!(admin = %a.listen, "the admin listener is not on loopback: anyone who can reach it sees metrics");
+                if !listen.ip().is_loopback() {
+                    warn!(admin = %listen, "the admin listener is not on loopback: anyone who can reach it sees metrics");
                 }
                 // Not "listening on": that phrase announces client listeners.
-                info!("admin HTTP on {}", a.listen_display(addr));
+                info!("admin HTTP on {}", addr.unwrap_or(listen));
                 tokio::spawn(crate::admin::serve(l, app.clone(), endpoints.clone()));
                 addr
             }
@@ -412,7 +415,8 @@ impl Server {
         let mut live = Vec::new();
         for e in &new.endpoints {
             live.push(
-                endpoint_tls(e, &new).map_err(|err| format!("endpoint {:?}: {err}", e.name))?,
+                endpoint_tls(e, &new)
+                    .map_err(|err| format!("endpoint {:?}: {err}", e.start.name))?,
             );
         }
         for (ep, l) in self.endpoints.iter().zip(live) {
@@ -430,7 +434,7 @@ impl Server {
             let _ = t.await;
         }
         self.app.tasks.close();
-        let delay = self.app.config.load().max_sigterm_delay;
+        let delay = self.app.config.load().live.max_sigterm_delay;
         let open = self.app.tasks.len();
         if open > 0 {
             info!(
@@ -482,12 +486,6 @@ impl Server {
             );
         }
         self.app.audit.close();
-    }
-}
-
-impl crate::config::AdminConfig {
-    fn listen_display(&self, bound: Option<std::net::SocketAddr>) -> String {
-        bound.unwrap_or(self.listen).to_string()
     }
 }
 

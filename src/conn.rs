@@ -93,10 +93,10 @@ async fn negotiate(
                 None
             }
         },
-        _ = tokio::time::sleep(config.handshake_timeout) => {
+        _ = tokio::time::sleep(config.live.handshake_timeout) => {
             // The socket lives in `negotiate` until this returns: counted
             // and logged before the client sees the close.
-            let e = ConnError::HandshakeTimeout(config.handshake_timeout);
+            let e = ConnError::HandshakeTimeout(config.live.handshake_timeout);
             refuse(ctx, ep, who, None, e).await;
             None
         }
@@ -192,9 +192,9 @@ async fn run(
         ClientRequest::Startup(s) => s,
     };
     // A session slot, held to the end of the session.
-    let Some(_slot) = ctx.metrics.try_acquire(config.max_connections) else {
+    let Some(_slot) = ctx.metrics.try_acquire(config.live.max_connections) else {
         let who = (id, &peer, Some((startup.user(), startup.database())));
-        let e = ConnError::TooManyConnections(config.max_connections);
+        let e = ConnError::TooManyConnections(config.live.max_connections);
         refuse(&ctx, &ep, who, Some(stream), e).await;
         return;
     };
@@ -332,7 +332,7 @@ async fn run(
                     "terminating connection due to administrator command",
                     "rds-iam-proxy is shutting down",
                 )),
-                _ = idle.expired(config.idle_timeout) => Err((
+                _ = idle.expired(config.live.idle_timeout) => Err((
                     sqlstate::IDLE_SESSION_TIMEOUT,
                     "terminating connection due to idle-session timeout",
                     "rds-iam-proxy ends sessions with no traffic for its --idle-timeout",
@@ -560,7 +560,7 @@ async fn open_session(
                 endpoint_host: &live.endpoint.host,
                 endpoint_port: live.endpoint.port,
                 endpoint_region: &ep.region,
-                timeout: config.handshake_timeout,
+                timeout: config.live.handshake_timeout,
             };
             let admitted = login::admit(gw, stream, asking).await?;
             let (token, identity, place) = admitted.into_session();
@@ -603,9 +603,9 @@ async fn open_session(
         &startup.params
     };
     let login = upstream::login(&live.endpoint, params, startup.negotiated(), &token);
-    let upstream = tokio::time::timeout(config.login_timeout, login)
+    let upstream = tokio::time::timeout(config.live.login_timeout, login)
         .await
-        .map_err(|_| ConnError::LoginTimeout(config.login_timeout))??;
+        .map_err(|_| ConnError::LoginTimeout(config.live.login_timeout))??;
     ctx.metrics.upstream_login(began.elapsed());
     Ok((upstream, identity, place))
 }

@@ -79,8 +79,10 @@ impl Listener {
                 Ok((socket, peer, source)) => {
                     backoff = Duration::from_millis(5);
                     let config = app.config.load();
-                    let (max, per_source) =
-                        (config.max_handshakes, config.max_handshakes_per_source);
+                    let (max, per_source) = (
+                        config.live.max_handshakes,
+                        config.live.max_handshakes_per_source,
+                    );
                     drop(config);
                     match app.metrics.handshakes.enter(source, max, per_source) {
                         Ok(place) => {

@@ -87,7 +87,7 @@ fn real_main() -> anyhow::Result<u8> {
                     return Ok(0);
                 }
                 // The command owns the terminal: the proxy speaks only of problems.
-                init_tracing(config.log_format, "warn");
+                init_tracing(config.start.log_format, "warn");
                 runtime.block_on(rds_iam_proxy::commands::connect::run(config, args.command))
             }
             Command::Gateway(mut args) => {
@@ -126,7 +126,7 @@ fn run_proxy(args: ProxyArgs, given: Vec<String>) -> anyhow::Result<u8> {
         print!("{}", config.render());
         return Ok(0);
     }
-    init_tracing(config.log_format, "info");
+    init_tracing(config.start.log_format, "info");
     let reloader: rds_iam_proxy::app::Reloader = Box::new(move || load_config(&args, &given, &env));
     // The main thread accepts, serves the admin listener and handles
     // signals; sessions run on the session workers (`--worker-threads`,

@@ -106,22 +106,25 @@ fn validated(c: &Config) {
     assert!(!c.endpoints.is_empty());
     for (i, e) in c.endpoints.iter().enumerate() {
         assert!(
-            !e.listen.is_empty() || e.unix_socket.is_some(),
+            !e.start.listen.is_empty() || e.start.unix_socket.is_some(),
             "endpoint without listener"
         );
-        assert!(!e.upstream_host.is_empty());
-        assert_eq!(e.upstream_host, e.upstream_host.to_ascii_lowercase());
+        assert!(!e.start.upstream_host.is_empty());
+        assert_eq!(e.start.upstream_host, e.start.upstream_host.to_ascii_lowercase());
         for other in &c.endpoints[..i] {
-            assert_ne!(e.name, other.name, "two endpoints share a name");
+            assert_ne!(e.start.name, other.start.name, "two endpoints share a name");
         }
         let _ = (e.unix_socket_port(), e.upstream_name());
     }
-    assert!(!c.handshake_timeout.is_zero());
-    assert!(!c.connect_timeout.is_zero());
-    assert!(!c.login_timeout.is_zero());
-    assert!(c.idle_timeout.is_none_or(|d| !d.is_zero()));
-    assert!(c.max_connections >= 1 && c.max_handshakes >= 1 && c.max_handshakes_per_source >= 1);
-    let a = &c.audit;
+    let live = &c.live;
+    assert!(!live.handshake_timeout.is_zero());
+    assert!(!live.connect_timeout.is_zero());
+    assert!(!live.login_timeout.is_zero());
+    assert!(live.idle_timeout.is_none_or(|d| !d.is_zero()));
+    assert!(
+        live.max_connections >= 1 && live.max_handshakes >= 1 && live.max_handshakes_per_source >= 1
+    );
+    let a = &c.start.audit;
     assert!(
         a.mode == Mode::Off || a.dir.is_some(),
         "auditing without a directory"
@@ -130,17 +133,20 @@ fn validated(c: &Config) {
     assert!(a.rotate_bytes >= 1024 * 1024 && a.rotate_bytes % (1024 * 1024) == 0);
     assert!(a.queue_capacity >= 16);
     assert!(a.rotate_age.as_secs() >= 1);
-    match &c.gateway {
+    match &c.start.gateway {
         Some(g) => {
             assert!(!g.id.is_empty() && !g.trust_accounts.is_empty() && !g.trust_roles.is_empty());
-            assert!(!c.allow_remote_clients && c.endpoints.iter().all(|e| e.gateway.is_none()));
+            assert!(
+                !c.start.allow_remote_clients
+                    && c.endpoints.iter().all(|e| e.start.gateway.is_none())
+            );
             assert!(g.peers.is_empty() || g.instance.is_some());
         }
         None => assert!(
-            c.allow_remote_clients
+            c.start.allow_remote_clients
                 || c.endpoints
                     .iter()
-                    .all(|e| e.listen.iter().all(|a| a.ip().is_loopback())),
+                    .all(|e| e.start.listen.iter().all(|a| a.ip().is_loopback())),
             "local mode listening where others reach it"
         ),
     }
@@ -161,7 +167,12 @@ pub fn check(data: &[u8]) {
             panic!("render() is not valid TOML: {e}\n{rendered}");
         }
         match merge(l, &rendered) {
-            Some(again) => assert_eq!(again, c, "render() does not read back\n{rendered}"),
+            Some(again) => {
+                assert_eq!(again, c, "render() does not read back\n{rendered}");
+                // What reads back the same is no reason to refuse a reload.
+                let changes = rds_iam_proxy::reloadable::start_only_changes(&c, &again);
+                assert!(changes.is_empty(), "a reload of the same text is refused: {changes:?}");
+            }
             None => {
                 let given = |id: &str| l.given.contains(id);
                 let err = Config::merge(

@@ -10,13 +10,13 @@ use crate::tls::{self, UpstreamCa};
 
 pub fn run(config: &Config) -> anyhow::Result<()> {
     for e in &config.endpoints {
-        if let ClientTls::Files { cert, key } = &e.client_tls {
+        if let ClientTls::Files { cert, key } = &e.live.client_tls {
             tls::server_config(cert, key)
-                .with_context(|| format!("endpoint {:?}: tls_cert/tls_key", e.name))?;
+                .with_context(|| format!("endpoint {:?}: tls_cert/tls_key", e.start.name))?;
         }
-        if let UpstreamCa::File(_) = &e.upstream_ca {
-            tls::client_config(&e.upstream_ca)
-                .with_context(|| format!("endpoint {:?}: upstream_ca", e.name))?;
+        if let UpstreamCa::File(_) = &e.live.upstream_ca {
+            tls::client_config(&e.live.upstream_ca)
+                .with_context(|| format!("endpoint {:?}: upstream_ca", e.start.name))?;
         }
     }
     Ok(())

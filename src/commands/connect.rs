@@ -26,9 +26,9 @@ pub async fn run(mut config: Config, command: Vec<OsString>) -> anyhow::Result<u
     let dir = private_dir().context("cannot create a private socket directory")?;
     let _cleanup = RemoveOnDrop(dir.clone());
     let e = &mut config.endpoints[0];
-    e.listen.clear();
-    e.unix_socket = Some(dir.clone());
-    config.admin = None;
+    e.start.listen.clear();
+    e.start.unix_socket = Some(dir.clone());
+    config.start.admin_listen = None;
 
     let server = Server::start(config).await?;
     let (_, identity) = server

@@ -38,13 +38,14 @@ impl Report {
 /// Runs every check; true when all passed.
 pub async fn run(config: Config) -> bool {
     let mut r = Report { failed: false };
-    let login = match &config.profile {
+    let login = match &config.start.profile {
         Some(p) => format!("aws sso login --profile {p}"),
         None => "aws sso login (or set AWS_PROFILE / --profile)".to_owned(),
     };
-    let first_region = config.endpoints.iter().find_map(|e| e.region.clone());
+    let first_region = config.endpoints.iter().find_map(|e| e.start.region.clone());
     let sdk =
-        IdentityService::load_sdk_config(config.profile.as_deref(), first_region.as_deref()).await;
+        IdentityService::load_sdk_config(config.start.profile.as_deref(), first_region.as_deref())
+            .await;
 
     // 1. Credentials.
     let creds = CachedCredentials::new(sdk.credentials_provider());
@@ -83,7 +84,7 @@ pub async fn run(config: Config) -> bool {
     };
 
     // 2. Identity and user name.
-    let identity = IdentityService::new(&sdk, config.identity.clone());
+    let identity = IdentityService::new(&sdk, config.start.identity.clone());
     let person = if creds_ok.is_some() {
         match identity.current().await {
             Ok((_, id)) => {
@@ -108,10 +109,10 @@ pub async fn run(config: Config) -> bool {
     };
 
     for e in &config.endpoints {
-        if e.name == e.upstream_name() {
-            println!("endpoint {}:", e.name);
+        if e.start.name == e.upstream_name() {
+            println!("endpoint {}:", e.start.name);
         } else {
-            println!("endpoint {} ({}):", e.name, e.upstream_name());
+            println!("endpoint {} ({}):", e.start.name, e.upstream_name());
         }
         check_endpoint(
             &mut r,
@@ -140,9 +141,9 @@ async fn check_endpoint(
     person: &Option<std::sync::Arc<crate::identity::Identity>>,
 ) {
     // 3. Region.
-    let region = match e.region.clone().or(sdk_region) {
+    let region = match e.start.region.clone().or(sdk_region) {
         Some(reg) => {
-            let from = if e.region.is_some() {
+            let from = if e.start.region.is_some() {
                 "configuration or endpoint name"
             } else {
                 "AWS configuration"
@@ -161,7 +162,11 @@ async fn check_endpoint(
     };
 
     // 4. DNS.
-    let target = e.connect_to.clone().unwrap_or_else(|| e.upstream_name());
+    let target = e
+        .live
+        .connect_to
+        .clone()
+        .unwrap_or_else(|| e.upstream_name());
     let addrs: Vec<SocketAddr> = match tokio::time::timeout(
         CHECK_TIMEOUT,
         tokio::net::lookup_host(&target),
@@ -236,7 +241,7 @@ async fn check_endpoint(
                     "TLS",
                     format!(
                         "verified {} ({})",
-                        e.upstream_host,
+                        e.start.upstream_host,
                         crate::tls::summary(stream.get_ref().1)
                     ),
                 ),
@@ -256,8 +261,8 @@ async fn check_endpoint(
             let token = Signer::default().sign(
                 c,
                 &TokenTarget {
-                    host: &e.upstream_host,
-                    port: e.upstream_port,
+                    host: &e.start.upstream_host,
+                    port: e.start.upstream_port,
                     region: reg,
                     user: &p.user_name,
                 },

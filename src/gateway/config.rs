@@ -115,7 +115,7 @@ pub struct PeerArgs {
 }
 
 /// The `[gateway]` table: the flags above without their prefix.
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct GatewayFile {
     pub id: Option<String>,
@@ -387,38 +387,26 @@ fn parse_peer(s: &str) -> Option<Peer> {
 }
 
 /// The `[gateway]` table of `--print-config`.
-pub fn render(g: &GatewayConfig, s: &mut String, q: &dyn Fn(&str) -> String) {
-    use std::fmt::Write as _;
-    let list = |v: &[String]| v.iter().map(|x| q(x)).collect::<Vec<_>>().join(", ");
-    let _ = writeln!(s, "\n[gateway]");
-    let _ = writeln!(s, "id = {}", q(&g.id));
-    let _ = writeln!(s, "trust_accounts = [{}]", list(&g.trust_accounts));
-    let _ = writeln!(s, "trust_roles = [{}]", list(&g.trust_roles));
-    if let Some(r) = &g.sts_region {
-        let _ = writeln!(s, "sts_region = {}", q(r));
-    }
-    if let Some(u) = &g.sts_endpoint_url {
-        let _ = writeln!(s, "sts_endpoint_url = {}", q(u));
-    }
-    let _ = writeln!(s, "sts_timeout = \"{}ms\"", g.sts_timeout.as_millis());
-    let _ = writeln!(s, "max_sessions_per_person = {}", g.max_sessions_per_person);
-    let _ = writeln!(
-        s,
-        "max_failed_proofs_per_source = {}",
-        g.max_failed_proofs_per_source
-    );
-    if let Some(n) = g.instance {
-        let _ = writeln!(s, "instance = {n}");
-    }
-    if !g.peers.is_empty() {
-        let peers: Vec<String> = g
-            .peers
-            .iter()
-            .map(|p| q(&format!("{}={}:{}", p.instance, p.host, p.port)))
-            .collect();
-        let _ = writeln!(s, "peers = [{}]", peers.join(", "));
-    }
-    if let crate::tls::UpstreamCa::File(p) = &g.peer_ca {
-        let _ = writeln!(s, "peer_ca = {}", q(&p.display().to_string()));
+pub fn to_file(g: &GatewayConfig) -> GatewayFile {
+    GatewayFile {
+        id: Some(g.id.clone()),
+        trust_accounts: Some(g.trust_accounts.clone()),
+        trust_roles: Some(g.trust_roles.clone()),
+        sts_region: g.sts_region.clone(),
+        sts_endpoint_url: g.sts_endpoint_url.clone(),
+        sts_timeout: Some(crate::config::duration_text(g.sts_timeout)),
+        max_sessions_per_person: Some(g.max_sessions_per_person),
+        max_failed_proofs_per_source: Some(g.max_failed_proofs_per_source),
+        instance: g.instance,
+        peers: (!g.peers.is_empty()).then(|| {
+            g.peers
+                .iter()
+                .map(|p| format!("{}={}:{}", p.instance, p.host, p.port))
+                .collect()
+        }),
+        peer_ca: match &g.peer_ca {
+            crate::tls::UpstreamCa::File(p) => Some(p.clone()),
+            crate::tls::UpstreamCa::RdsBundle | crate::tls::UpstreamCa::System => None,
+        },
     }
 }
