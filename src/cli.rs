@@ -62,6 +62,104 @@ pub enum Command {
     /// Print a fresh proof of your AWS identity for a gateway, to use as
     /// the password of one connection (PGPASSWORD) through it.
     GatewayPassword(GatewayPasswordArgs),
+    /// Read an Aurora Database Activity Stream: every event with the
+    /// person behind it, and a reconciliation with the audit trail.
+    #[command(subcommand)]
+    Das(DasCommand),
+}
+
+/// `rds-iam-proxy das ...`.
+#[derive(Debug, Clone, Subcommand)]
+pub enum DasCommand {
+    /// Print every activity event as it arrives (all shards, in order
+    /// across splits and merges), decrypted, heartbeats dropped; with
+    /// --audit-dir, each names the person behind its session. Stops at
+    /// Ctrl-C / SIGTERM; exits 1 if any record could not be opened.
+    Tail(DasTailArgs),
+    /// Account for a time window: each stream session matched to a proxy
+    /// session or reported as not through the proxy, statements one side
+    /// has and the other lacks, and a summary per person. Exits 1 when
+    /// anything is unexplained.
+    Reconcile(DasReconcileArgs),
+}
+
+/// What both `das` commands read.
+#[derive(Debug, Clone, Args)]
+pub struct DasStreamArgs {
+    /// The cluster's resource id (`cluster-...`, DbClusterResourceId): the
+    /// stream's name and the data keys' encryption context.
+    #[arg(long, env = "RDS_IAM_PROXY_CLUSTER_RESOURCE_ID", value_name = "ID")]
+    pub cluster_resource_id: String,
+
+    /// The Kinesis stream [default: aws-rds-das-<cluster resource id>].
+    #[arg(long, value_name = "NAME")]
+    pub stream: Option<String>,
+
+    /// AWS region of the stream and key [default: the AWS configuration].
+    #[arg(long, env = "RDS_IAM_PROXY_REGION")]
+    pub region: Option<String>,
+
+    /// AWS profile [default: AWS_PROFILE, else the standard chain].
+    #[arg(long, env = "RDS_IAM_PROXY_PROFILE")]
+    pub profile: Option<String>,
+
+    /// Send the Kinesis and KMS calls here instead of AWS's endpoints (a
+    /// VPC endpoint, or a test double) [default: the SDK's, which also
+    /// reads AWS_ENDPOINT_URL].
+    #[arg(long, value_name = "URL")]
+    pub endpoint_url: Option<String>,
+
+    /// How often an idle shard is asked again.
+    #[arg(long, default_value = "1s", value_parser = parse_duration, value_name = "DURATION")]
+    pub poll_interval: Duration,
+
+    /// json (one object per line: every DAS field, plus `person` and the
+    /// proxy's fields) or text (aligned columns) [default: text on a
+    /// terminal, else json].
+    #[arg(long, value_enum)]
+    pub format: Option<crate::das::tail::Format>,
+}
+
+/// `rds-iam-proxy das tail`.
+#[derive(Debug, Clone, Args)]
+pub struct DasTailArgs {
+    #[command(flatten)]
+    pub stream: DasStreamArgs,
+
+    /// Where to start on a shard the checkpoint does not know: latest,
+    /// trim-horizon (the oldest kept, 24 h), a time (2026-12-07T09:00:00Z)
+    /// or a duration ago (15m).
+    #[arg(long, default_value = "latest", value_name = "WHEN")]
+    pub from: String,
+
+    /// The proxy's audit directory: name the person behind each event.
+    #[arg(long, value_name = "DIR")]
+    pub audit_dir: Option<PathBuf>,
+
+    /// Resume where the last run with this file stopped, and keep it up to
+    /// date: no event is lost or printed twice across restarts.
+    #[arg(long, value_name = "FILE")]
+    pub checkpoint: Option<PathBuf>,
+}
+
+/// `rds-iam-proxy das reconcile`.
+#[derive(Debug, Clone, Args)]
+pub struct DasReconcileArgs {
+    #[command(flatten)]
+    pub stream: DasStreamArgs,
+
+    /// The proxy's audit directory.
+    #[arg(long, value_name = "DIR")]
+    pub audit_dir: PathBuf,
+
+    /// Start of the window: a time (2026-12-07T09:00:00Z) or a duration
+    /// ago (1h).
+    #[arg(long, value_name = "WHEN")]
+    pub from: String,
+
+    /// End of the window [default: now].
+    #[arg(long, value_name = "WHEN")]
+    pub to: Option<String>,
 }
 
 /// `rds-iam-proxy gateway`.

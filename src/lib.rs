@@ -22,6 +22,8 @@
 //!
 //! - [`audit`]: the audit trail and the password guard; [`gate`] is the
 //!   forwarding pump that feeds it.
+//! - [`das`]: Aurora Database Activity Streams read back and joined with
+//!   the audit trail (`das tail`, `das reconcile`).
 //!
 //! [`commands`] holds the subcommands (`token`, `whoami`, `policy`,
 //! `connect`, `doctor`); [`banner`] says at start-up who the proxy acts for;
@@ -51,6 +53,7 @@ pub mod cli;
 pub mod commands;
 pub mod config;
 pub mod conn;
+pub mod das;
 pub mod error;
 pub mod forward;
 pub mod gate;

@@ -76,6 +76,10 @@ fn real_main() -> anyhow::Result<u8> {
                 runtime.block_on(rds_iam_proxy::commands::whoami::run(args))?;
                 Ok(0)
             }
+            Command::Das(c) => {
+                init_tracing(cli.proxy.log_format, "warn");
+                runtime.block_on(rds_iam_proxy::commands::das::run(c))
+            }
             Command::Policy(args) => {
                 rds_iam_proxy::commands::policy::run(args)?;
                 Ok(0)

@@ -4,6 +4,7 @@
 pub mod audit;
 pub mod check_config;
 pub mod connect;
+pub mod das;
 pub mod doctor;
 pub mod gateway_password;
 pub mod policy;
