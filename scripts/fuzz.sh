@@ -24,16 +24,17 @@ REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 FUZZ="$REPO/fuzz"
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$FUZZ/target}"
 NICE=(nice -n "${FUZZ_NICE:-19}")
-TARGETS=(startup frame backend audit_tap saml config proof)
+TARGETS=(startup frame backend audit_tap saml config proof das)
 
 # Longest input per target: a startup packet may be 10,000 bytes, a SAML
 # response a few KiB, a gateway proof 8 KiB (and a little more, to cross
-# the limit); the rest are a handful of messages or a config file.
+# the limit), an activity stream message a few KiB; the rest are a handful of messages or a config file.
 max_len() {
     case "$1" in
         startup) echo 10240 ;;
         saml) echo 8192 ;;
         proof) echo 9000 ;;
+        das) echo 8192 ;;
         *) echo 4096 ;;
     esac
 }

@@ -14,9 +14,12 @@ tests need to talk to "Aurora" with IAM authentication, without AWS:
 - an IAM Identity Center stand-in (SSO portal GetRoleCredentials, SSO-OIDC
   CreateToken) because moto serves neither, plus a control API under /_bed/;
 - an STS GetCallerIdentity stand-in that, unlike moto, checks SigV4 query
-  signatures (gateway mode replays presigned requests to it).
+  signatures (gateway mode replays presigned requests to it);
+- with --das, a stand-in for Aurora Database Activity Streams (testbed/das.py):
+  PostgreSQL's csvlog, turned into encrypted DAS records on a moto Kinesis
+  stream.
 
-Usage: bed.py run [--state-dir DIR] [--keep]
+Usage: bed.py run [--state-dir DIR] [--keep] [--max-connections N] [--das]
 
 Prints one JSON line on stdout when ready, then runs until stdin reaches EOF,
 SIGTERM/SIGINT arrives or its parent process goes away. The bed therefore
@@ -485,6 +488,7 @@ class IdentityCenter:
             for service in ("sts", "iam")
         )
         self.roles = set()  # permission sets whose IAM role exists in moto
+        self.das = None  # the DAS stand-in (das.DasEmulator) when the bed runs with --das
 
     @staticmethod
     def role_name(permission_set):
@@ -648,6 +652,8 @@ class IdentityCenter:
                     if url.path == "/_bed/requests":
                         with ic.lock:
                             return self.reply(200, {}, list(ic.requests))
+                    if url.path.startswith("/_bed/das-") and ic.das is not None:
+                        return self.reply(*ic.das.control("GET", url.path, {}))
                     self.reply(*error(404, "ResourceNotFoundException", f"no route for GET {url.path}"))
                 except Exception as e:  # noqa: BLE001
                     self.reply(*error(500, "InternalServerException", repr(e)))
@@ -658,6 +664,8 @@ class IdentityCenter:
                     body = self.body()
                     if path == "/token":
                         return self.reply(*ic.create_token(body))
+                    if path.startswith("/_bed/das-") and ic.das is not None:
+                        return self.reply(*ic.das.control("POST", path, body))
                     if path == "/_bed/login":
                         return self.reply(200, {}, ic.login(body))
                     if path == "/_bed/credentials":
@@ -1057,8 +1065,10 @@ class StsVerify:
 
 
 class Bed:
-    def __init__(self, state_dir, keep, max_connections=200):
+    def __init__(self, state_dir, keep, max_connections=200, das=False):
         self.keep = keep
+        self.das_enabled = das
+        self.das = None
         self.max_connections = max_connections
         self.state_dir = state_dir
         self.pam_service = "rdsiam_" + secrets.token_hex(6)
@@ -1109,8 +1119,14 @@ class Bed:
 
         self.moto_port = free_port()
         moto_log = open(f"{d}/moto.log", "ab")
+        # With --das, moto runs patched so that Kinesis resharding behaves
+        # like Kinesis (das.patch_moto_kinesis); otherwise it is moto as is.
+        moto_cmd = (
+            [sys.executable, os.path.join(HERE, "das.py"), "moto-server"] if self.das_enabled
+            else [os.path.join(os.path.dirname(sys.executable), "moto_server")]
+        )
         self.moto = subprocess.Popen(
-            [os.path.join(os.path.dirname(sys.executable), "moto_server"), "-H", "127.0.0.1", "-p", str(self.moto_port)],
+            moto_cmd + ["-H", "127.0.0.1", "-p", str(self.moto_port)],
             stdin=subprocess.DEVNULL, stdout=moto_log, stderr=moto_log,
             env={**os.environ, "MOTO_ACCOUNT_ID": ACCOUNT_ID},
             preexec_fn=child_preexec(),
@@ -1133,7 +1149,20 @@ class Bed:
         self.sts_verify_log = f"{d}/sts_verify.log"
         self.sts_verify = StsVerify(self.moto_url, self.creds, self.sts_verify_log)
         self.sts_verify.serve()
+        if self.das_enabled:
+            self.start_das()
         self.start_secs = time.monotonic() - t0
+
+    def start_das(self):
+        import das
+
+        version = subprocess.run([f"{PG_BIN}/postgres", "--version"], check=True, capture_output=True, text=True)
+        self.das = das.DasEmulator(
+            csv_path=self.pg_csvlog, pg_port=self.pg_port, moto_url=self.moto_url, region=REGION,
+            seed=self.state_dir, server_version=version.stdout.split()[2],
+        )
+        self.das.start()
+        self.ic.das = self.das
 
     def _moto_ready(self):
         if self.moto.poll() is not None:
@@ -1169,6 +1198,7 @@ class Bed:
         d = self.state_dir
         self.pgdata = f"{d}/pgdata"
         self.pg_log = f"{d}/postgresql.log"
+        self.pg_csvlog = f"{d}/postgresql.csv"
         # The state dir is root's; give `postgres` its own data and socket dirs.
         self.pg_socket_dir = f"{d}/pgsock"
         for sub, mode in ((self.pgdata, 0o700), (self.pg_socket_dir, 0o755)):
@@ -1206,10 +1236,16 @@ class Bed:
                     "fsync = off\nsynchronous_commit = off\nfull_page_writes = off\n"
                     "password_encryption = 'scram-sha-256'\n"
                     "log_connections = on\nlog_disconnections = on\nlog_line_prefix = '%m [%p] %q%u@%d '\n"
+                    + self.das_log_settings()
                 )
             os.chown(f"{self.pgdata}/postgresql.auto.conf", self.pg_user.pw_uid, self.pg_user.pw_gid)
             log_f = open(self.pg_log, "ab")
             os.chown(self.pg_log, self.pg_user.pw_uid, self.pg_user.pw_gid)
+            if self.das_enabled:
+                # The collector creates nothing in the (root-owned) state dir:
+                # both of its files exist already and belong to `postgres`.
+                open(self.pg_csvlog, "ab").close()
+                os.chown(self.pg_csvlog, self.pg_user.pw_uid, self.pg_user.pw_gid)
             # The postmaster is our direct child (not pg_ctl's daemon), so the
             # death signal reaches it even if this supervisor is SIGKILLed;
             # SIGQUIT is PostgreSQL's immediate shutdown.
@@ -1239,6 +1275,25 @@ class Bed:
         self.pg_run(f"{PG_BIN}/psql", "-X", "-q", "-v", "ON_ERROR_STOP=1",
                     "-h", self.pg_socket_dir, "-p", str(self.pg_port), "-U", "postgres", "-d", "postgres", input=sql)
 
+    def das_log_settings(self):
+        """With --das: a csvlog beside the stderr log, every statement logged
+        once when it ends. The logging collector writes the stderr output to
+        the same postgresql.log (pg_log) the postmaster's stderr goes to, so
+        its readers see the lines they always saw, plus `duration: ...`
+        lines. Timestamps in both are UTC."""
+        if not self.das_enabled:
+            return ""
+        return (
+            "logging_collector = on\n"
+            "log_destination = 'stderr,csvlog'\n"
+            f"log_directory = '{self.state_dir}'\n"
+            "log_filename = 'postgresql.log'\n"  # csvlog: postgresql.csv
+            "log_file_mode = 0644\n"
+            "log_rotation_size = 0\n"
+            "log_min_duration_statement = 0\n"
+            "log_timezone = 'UTC'\n"
+        )
+
     def _pg_ready(self):
         if self.pg.poll() is not None:
             raise RuntimeError(f"postgres exited with {self.pg.returncode}")
@@ -1250,7 +1305,7 @@ class Bed:
     # -- run ---------------------------------------------------------------
 
     def info(self):
-        return {
+        info = {
             "state_dir": self.state_dir,
             "pg_host": "127.0.0.1",
             "pg_port": self.pg_port,
@@ -1275,6 +1330,9 @@ class Bed:
             "pam_service": self.pam_service,
             "start_secs": round(self.start_secs, 3),
         }
+        if self.das is not None:
+            info["das"] = self.das.info(control_url=self.ic.url)
+        return info
 
     def wait(self):
         parent = os.getppid()
@@ -1313,6 +1371,7 @@ class Bed:
 
     def stop(self):
         for step in (
+            lambda: self.das and self.das.stop(),
             self.stop_postgres,
             lambda: self.moto and (self.moto.terminate(), self.moto.wait(10)),
             lambda: self.verifier and self.verifier.stop(),
@@ -1335,6 +1394,9 @@ def main():
     run.add_argument("--keep", action="store_true", help="keep the state directory after stopping")
     run.add_argument("--max-connections", type=int, default=200, metavar="N",
                      help="PostgreSQL max_connections (default 200; the scale benchmark raises it)")
+    run.add_argument("--das", action="store_true",
+                     help="also run the Database Activity Streams stand-in (testbed/das.py): csvlog, "
+                          "KMS key, Kinesis stream, /_bed/das-* control routes, a `das` object in the JSON line")
     args = ap.parse_args()
 
     if os.geteuid() != 0:
@@ -1348,7 +1410,7 @@ def main():
         # Short path on purpose: the verifier socket lives here (sun_path is 108 bytes).
         state_dir = tempfile.mkdtemp(prefix="rdsiam-bed-", dir="/tmp")
 
-    bed = Bed(state_dir, args.keep, args.max_connections)
+    bed = Bed(state_dir, args.keep, args.max_connections, das=args.das)
 
     def on_signal(signum, _frame):
         bed.stopping.set()

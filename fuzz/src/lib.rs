@@ -5,6 +5,7 @@
 pub mod audit_tap;
 pub mod backend;
 pub mod config;
+pub mod das;
 pub mod frame;
 pub mod proof;
 pub mod saml;

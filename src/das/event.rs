@@ -66,9 +66,12 @@ impl Event {
     }
 
     /// The SQLSTATE of a failed statement; empty or `0` when it ran.
-    pub fn exit_code(&self) -> Option<&str> {
+    /// DAS documents the field as a number and writes a SQLSTATE string;
+    /// either is taken.
+    pub fn exit_code(&self) -> Option<String> {
         match self.fields.get("exitCode")? {
-            Value::String(s) if !s.is_empty() && s != "0" && s != "00000" => Some(s),
+            Value::String(s) if !s.is_empty() && s != "0" && s != "00000" => Some(s.clone()),
+            Value::Number(n) if n.as_i64() != Some(0) => Some(n.to_string()),
             _ => None,
         }
     }
@@ -214,7 +217,7 @@ mod tests {
         assert_eq!(e.pid(), Some(16889));
         assert_eq!(e.remote_port(), Some(45712));
         assert_eq!(e.session_start_secs(), Some(0x6b16_3ee8));
-        assert_eq!(e.exit_code(), Some("42P01"));
+        assert_eq!(e.exit_code().as_deref(), Some("42P01"));
         assert!(e.is_statement());
     }
 }

@@ -318,6 +318,11 @@ impl Reconciler {
                 }
             }
             None => {
+                // A session is reported by what it did inside the window;
+                // the margins only complete what it did there.
+                if !self.das_only.contains_key(&sid) && (t < self.from || t > self.to) {
+                    return;
+                }
                 let d = self.das_only.entry(sid.clone()).or_insert_with(|| DasOnly {
                     bypass: Bypass {
                         session_id: sid,

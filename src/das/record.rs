@@ -281,7 +281,9 @@ mod tests {
         // A byte changed inside the ciphertext: refused, nothing returned.
         let mut v: Value = serde_json::from_slice(record).unwrap();
         let b64 = base64::engine::general_purpose::STANDARD;
-        let mut msg = b64.decode(v["databaseActivityEvents"].as_str().unwrap()).unwrap();
+        let mut msg = b64
+            .decode(v["databaseActivityEvents"].as_str().unwrap())
+            .unwrap();
         let at = msg.len() / 2;
         msg[at] ^= 1;
         v["databaseActivityEvents"] = Value::String(b64.encode(msg));

@@ -62,6 +62,10 @@ pub struct BedInfo {
     pub verifier_log: PathBuf,
     pub pg_log: PathBuf,
     pub pam_service: String,
+    /// With `bed.py run --das`: the activity stream stand-in's facts
+    /// (`cluster_resource_id`, `stream_name`, `kms_key_id`, `region`,
+    /// `endpoint_url`, `control_url`; testbed/README.md).
+    pub das: Option<Value>,
 }
 
 impl BedInfo {
@@ -108,6 +112,7 @@ impl BedInfo {
             verifier_log: p("verifier_log")?,
             pg_log: p("pg_log")?,
             pam_service: s("pam_service")?,
+            das: v.get("das").filter(|d| !d.is_null()).cloned(),
         })
     }
 }
@@ -165,6 +170,11 @@ impl Bed {
     /// Starts a private bed and waits (60 s at most) until it is ready.
     /// Panics with the bed's stderr if it does not come up.
     pub fn start() -> Bed {
+        Self::start_with(&[])
+    }
+
+    /// Starts a private bed with extra `bed.py run` options (e.g. `--das`).
+    pub fn start_with(options: &[&str]) -> Bed {
         let python = repo_root().join(".venv/bin/python");
         assert!(
             python.exists(),
@@ -176,6 +186,7 @@ impl Bed {
         let mut child = Command::new(&python)
             .arg(repo_root().join("testbed/bed.py"))
             .arg("run")
+            .args(options)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(stderr)
