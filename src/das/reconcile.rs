@@ -270,7 +270,15 @@ impl Reconciler {
         if !in_window(t, self.from, self.to, MARGIN) {
             return;
         }
-        let sid = e.session_id().unwrap_or("").to_owned();
+        // DAS always writes sessionId; without one, pid and port stand in.
+        let sid = match e.session_id() {
+            Some(s) => s.to_owned(),
+            None => format!(
+                "pid {} port {}",
+                e.pid().unwrap_or(0),
+                e.remote_port().unwrap_or(0)
+            ),
+        };
         let key = match self.das_seen.get(&sid) {
             Some(k) => k.clone(),
             None => {
@@ -370,6 +378,9 @@ impl Reconciler {
             let Some(st) = self.proxy.remove(&key) else {
                 continue;
             };
+            if let Some(sid) = &st.das_session {
+                self.das_seen.remove(sid);
+            }
             self.compare(&key, st);
         }
         let gone: Vec<String> = self
@@ -382,6 +393,7 @@ impl Reconciler {
             let Some(d) = self.das_only.remove(&sid) else {
                 continue;
             };
+            self.das_seen.remove(&sid);
             self.report.not_through_proxy_count += 1;
             if self.report.not_through_proxy.len() < MAX_LISTED {
                 self.report.not_through_proxy.push(d.bypass);
@@ -441,20 +453,9 @@ impl Reconciler {
         keys: &impl DataKeys,
         mut on_bad: impl FnMut(&str, &str, &RecordError),
     ) -> Result<Report, TailError> {
+        self.begin().map_err(TailError::Trail)?;
         let past_window = self.to + MARGIN;
-        self.read_trail(
-            self.from
-                .checked_sub(MARGIN)
-                .unwrap_or(SystemTime::UNIX_EPOCH),
-        )
-        .map_err(TailError::Trail)?;
-        loop {
-            if reader.caught_up() {
-                break;
-            }
-            let Some(batch) = reader.next_or_idle().await? else {
-                break;
-            };
+        while let Some(batch) = reader.next_or_idle().await? {
             let mut events = Vec::new();
             for r in &batch.records {
                 match record::open(&r.data, keys).await {
@@ -469,20 +470,8 @@ impl Reconciler {
                     }
                 }
             }
-            // The trail as far as these events reach, and a margin.
-            let reach = events
-                .iter()
-                .filter_map(Event::log_time)
-                .max()
-                .unwrap_or(self.watermark);
-            self.read_trail((reach + MARGIN).min(past_window))
-                .map_err(TailError::Trail)?;
-            for e in &events {
-                self.report.events += 1;
-                self.event(e);
-            }
+            self.feed(&events).map_err(TailError::Trail)?;
             reader.commit(&batch);
-            self.settle(false);
             if batch
                 .records
                 .last()
@@ -492,7 +481,39 @@ impl Reconciler {
                 reader.finish_shard(&batch.shard);
             }
         }
-        self.read_trail(past_window).map_err(TailError::Trail)?;
+        self.finish().map_err(TailError::Trail)
+    }
+
+    /// Reads the trail up to the window's start (less the margin).
+    pub fn begin(&mut self) -> std::io::Result<()> {
+        self.read_trail(
+            self.from
+                .checked_sub(MARGIN)
+                .unwrap_or(SystemTime::UNIX_EPOCH),
+        )
+    }
+
+    /// One batch of activity events: the trail is read as far as they
+    /// reach (and a margin), they are counted, and the sessions over on
+    /// both sides are compared and forgotten.
+    pub fn feed(&mut self, events: &[Event]) -> std::io::Result<()> {
+        let reach = events
+            .iter()
+            .filter_map(Event::log_time)
+            .max()
+            .unwrap_or(self.watermark);
+        self.read_trail((reach + MARGIN).min(self.to + MARGIN))?;
+        for e in events {
+            self.report.events += 1;
+            self.event(e);
+        }
+        self.settle(false);
+        Ok(())
+    }
+
+    /// The rest of the trail's window, every session settled: the report.
+    pub fn finish(mut self) -> std::io::Result<Report> {
+        self.read_trail(self.to + MARGIN)?;
         self.settle(true);
         Ok(self.report)
     }
@@ -609,4 +630,122 @@ pub fn text(r: &Report, stream: &str, from: SystemTime, to: SystemTime) -> Strin
         }
     );
     s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::audit::event::rfc3339;
+
+    fn event(json: serde_json::Value) -> Event {
+        let serde_json::Value::Object(fields) = json else {
+            panic!("not an object")
+        };
+        Event { fields }
+    }
+
+    #[test]
+    fn every_session_and_statement_is_accounted_for() {
+        let dir = std::env::temp_dir().join(format!("rip-reconcile-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let t0 = SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000);
+        let at = |ms: u64| rfc3339(t0 + Duration::from_millis(ms));
+        let lines = [
+            format!(
+                r#"{{"type":"audit_start","time":"{}","instance":"h:1"}}"#,
+                at(0)
+            ),
+            format!(
+                r#"{{"type":"session_start","time":"{}","conn":1,"person":"arianna","identity_source":"sso","db_user":"arianna","backend_pid":100,"upstream_local_port":5000}}"#,
+                at(1)
+            ),
+            format!(
+                r#"{{"type":"statement","time":"{}","conn":1,"n":1,"part":1,"parts":1,"text":"select 1"}}"#,
+                at(2)
+            ),
+            format!(
+                r#"{{"type":"statement","time":"{}","conn":1,"n":2,"part":1,"parts":2,"text":"select 2"}}"#,
+                at(3)
+            ),
+            format!(
+                r#"{{"type":"statement","time":"{}","conn":1,"n":2,"part":2,"parts":2,"text":"select  3"}}"#,
+                at(3)
+            ),
+            format!(
+                r#"{{"type":"statement","time":"{}","conn":1,"n":3,"part":1,"parts":1,"text":"alter role x password '<redacted>'","redacted":true}}"#,
+                at(4)
+            ),
+            format!(
+                r#"{{"type":"statement","time":"{}","conn":1,"n":4,"part":1,"parts":1,"text":"select 4"}}"#,
+                at(5)
+            ),
+            format!(
+                r#"{{"type":"outcome","time":"{}","conn":1,"n":4,"part":0,"not_executed":"skipped after an earlier error"}}"#,
+                at(5)
+            ),
+            format!(
+                r#"{{"type":"statement","time":"{}","conn":1,"n":5,"part":1,"parts":1,"text":"create role y password 'p'","refused":"password change"}}"#,
+                at(6)
+            ),
+            format!(
+                r#"{{"type":"statement","time":"{}","conn":1,"n":6,"part":1,"parts":1,"text":"select 5"}}"#,
+                at(7)
+            ),
+            format!(r#"{{"type":"session_end","time":"{}","conn":1}}"#, at(9)),
+        ];
+        std::fs::write(
+            dir.join("audit-20270115T080000000000-00000001.jsonl"),
+            lines.join("\n") + "\n",
+        )
+        .unwrap();
+        let ours = |ms: u64, class: &str, text: &str| {
+            event(
+                serde_json::json!({"pid": 100, "remotePort": "5000", "sessionId": "6b49d200.64",
+                "dbUserName": "arianna", "class": class, "commandText": text, "logTime": at(ms)}),
+            )
+        };
+        let events = [
+            ours(1, "CONNECT", ""),
+            ours(2, "READ", "select 1"),
+            ours(3, "READ", "select 2;\nselect 3;"),
+            ours(4, "ROLE", "alter role x password 'secret'"),
+            ours(8, "READ", "select 6"),
+            event(
+                serde_json::json!({"pid": 200, "remotePort": 6000, "sessionId": "6b49d200.c8",
+                "dbUserName": "master", "class": "CONNECT", "logTime": at(4)}),
+            ),
+            event(
+                serde_json::json!({"pid": 200, "remotePort": 6000, "sessionId": "6b49d200.c8",
+                "dbUserName": "master", "class": "READ", "commandText": "select 42", "logTime": at(5)}),
+            ),
+        ];
+        let mut r = Reconciler::new(Trail::open(&dir).unwrap(), t0, t0 + Duration::from_secs(10));
+        r.begin().unwrap();
+        r.feed(&events).unwrap();
+        let report = r.finish().unwrap();
+        let _ = std::fs::remove_dir_all(&dir);
+
+        assert_eq!((report.das_sessions, report.through_proxy), (2, 1));
+        assert_eq!(report.not_through_proxy_count, 1);
+        let bypass = &report.not_through_proxy[0];
+        assert_eq!(bypass.db_user, "master");
+        assert_eq!(bypass.first_statement.as_deref(), Some("select 42"));
+        assert_eq!(bypass.remote_port, Some(6000));
+        // Not run by the server (n = 4) and refused by the proxy (n = 5):
+        // not expected in the stream. Redacted and multi-statement texts
+        // compare equal.
+        let texts = |m: &[Missing]| m.iter().map(|m| m.text.clone()).collect::<Vec<_>>();
+        assert_eq!(texts(&report.missing_from_stream), ["select 5"]);
+        assert_eq!(texts(&report.missing_from_trail), ["select 6"]);
+        assert_eq!(report.missing_from_trail[0].person, "arianna");
+        let p = &report.per_person["arianna (arianna)"];
+        assert_eq!((p.sessions, p.statements), (1, 4));
+        assert_eq!(report.unexplained(), 3);
+        let text = text(&report, "s", t0, t0 + Duration::from_secs(10));
+        assert!(
+            text.contains("NOT THROUGH THE PROXY: 1 session(s)"),
+            "{text}"
+        );
+        assert!(text.contains("3 unexplained"), "{text}");
+    }
 }
