@@ -122,7 +122,9 @@ pub enum StartError {
     ClientTls(TlsSetupError),
     #[error("upstream CA bundle: {0}")]
     UpstreamCa(TlsSetupError),
-    #[error("local CA: {0}")]
+    // A #[from] error is the source, which `{:#}` prints after the
+    // message: the message does not repeat it.
+    #[error("local CA")]
     LocalCa(#[from] crate::local_ca::LocalCaError),
     #[error(
         "no AWS region: the endpoint name does not contain one and the AWS configuration sets none; pass --region"
@@ -130,19 +132,18 @@ pub enum StartError {
     NoRegion,
     #[error(transparent)]
     Peer(#[from] PeerError),
-    #[error("audit log: {0}")]
+    #[error("audit log")]
     Audit(#[from] crate::audit::WriterError),
+    #[error("audit digests")]
+    Digests(#[from] crate::audit::digest::DigestError),
     #[error("STS for gateway proofs: {0}")]
     StsTls(TlsSetupError),
     #[error("CA bundle for the gateway's peers (--gateway-peer-ca): {0}")]
     PeerCa(TlsSetupError),
     #[error("cannot start the session worker threads: {0}")]
     Workers(std::io::Error),
-    #[error("cannot listen on {what}: {source}")]
-    Bind {
-        what: String,
-        source: std::io::Error,
-    },
+    #[error("cannot listen on {what}: {error}")]
+    Bind { what: String, error: std::io::Error },
 }
 
 /// Loads an endpoint's TLS configurations (at start and on SIGHUP).
@@ -276,6 +277,7 @@ pub async fn build(
     let peers =
         PeerPolicy::from_allow_list(crate::peer::own_uid()?, &config.start.allow_local_users)?;
     let audit = Arc::new(crate::audit::Auditor::start(config.start.audit.clone())?);
+    audit.start_digests(&sdk).await?;
     let identity = IdentityService::new(&sdk, config.start.identity.clone());
     let (phase_tx, phase) = watch::channel(Phase::Running);
     let workers = crate::workers::SessionWorkers::start(config.start.worker_threads)
@@ -318,17 +320,17 @@ impl Server {
             for addr in &e.start.listen {
                 let l = Listener::tcp(*addr)
                     .await
-                    .map_err(|source| StartError::Bind {
+                    .map_err(|error| StartError::Bind {
                         what: addr.to_string(),
-                        source,
+                        error,
                     })?;
                 bound.push((l, ep.clone()));
             }
             if let Some(dir) = &e.start.unix_socket {
-                let l = Listener::unix(dir, e.unix_socket_port()).map_err(|source| {
+                let l = Listener::unix(dir, e.unix_socket_port()).map_err(|error| {
                     StartError::Bind {
                         what: dir.display().to_string(),
-                        source,
+                        error,
                     }
                 })?;
                 bound.push((l, ep.clone()));
@@ -340,7 +342,7 @@ impl Server {
                     .await
                     .map_err(|source| StartError::Bind {
                         what: format!("{listen} (admin)"),
-                        source,
+                        error: source,
                     })?;
                 let addr = l.local_addr().ok();
                 if !listen.ip().is_loopback() {
@@ -450,7 +452,7 @@ impl Server {
             _ = &mut hurry => true,
         };
         if forced {
-            self.close_audit();
+            self.close_audit().await;
             return true;
         }
         if !self.app.tasks.is_empty() {
@@ -465,11 +467,11 @@ impl Server {
                 _ = &mut hurry => true,
             };
             if forced {
-                self.close_audit();
+                self.close_audit().await;
                 return true;
             }
         }
-        self.close_audit();
+        self.close_audit().await;
         false
     }
 
@@ -477,7 +479,7 @@ impl Server {
     /// also when a second signal cuts the drain short. A session still
     /// open then has no end record: said here, and any record it makes
     /// later is counted as lost (never queued for no one).
-    fn close_audit(&self) {
+    async fn close_audit(&self) {
         let open = self.app.tasks.len();
         if open > 0 && self.app.audit.sink.is_some() {
             error!(
@@ -485,7 +487,7 @@ impl Server {
                 "closing the audit log while sessions are still open: their end is not recorded"
             );
         }
-        self.app.audit.close();
+        self.app.audit.close_and_sign().await;
     }
 }
 

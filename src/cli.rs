@@ -235,11 +235,19 @@ pub struct DoctorArgs {
 /// `rds-iam-proxy audit ...`.
 #[derive(Debug, Clone, Subcommand)]
 pub enum AuditCommand {
-    /// Check the hash chain of audit files (oldest first; a directory means
-    /// all its audit files). Exits 1 and names the first broken record.
+    /// Check the hash chain of audit files (oldest first) and, with
+    /// --public-key, the signed digests. A directory means all its audit
+    /// files: one proxy instance's trail. Several directories (a fleet) are
+    /// checked one by one. Exits 1 and says what is wrong and where.
     Verify {
-        #[arg(required = true, value_name = "FILE")]
+        #[arg(required = true, value_name = "FILE|DIR")]
         files: Vec<PathBuf>,
+
+        /// The digests' public key (PEM), obtained apart from the trail
+        /// (a copy in the trail's directory proves nothing): every digest
+        /// must verify with it, and the files must be what they signed.
+        #[arg(long, value_name = "PEM")]
+        public_key: Option<PathBuf>,
     },
 }
 
@@ -574,6 +582,21 @@ pub struct AuditArgs {
         default_value_t = 65536
     )]
     pub queue: usize,
+
+    /// Sign digests of the audit trail (periodically, at each rotation and
+    /// at the stop) with this key: `kms:KEY` (an ECC_NIST_P256 KMS key id,
+    /// ARN or alias) or `file:PEM` (a P-256 private key); `audit verify
+    /// --public-key` checks them [default: no digests].
+    #[arg(
+        long = "audit-sign-key",
+        env = "RDS_IAM_PROXY_AUDIT_SIGN_KEY",
+        value_name = "kms:KEY|file:PEM"
+    )]
+    pub sign_key: Option<String>,
+
+    /// How often a digest is signed when the trail grew.
+    #[arg(long = "audit-digest-interval", env = "RDS_IAM_PROXY_AUDIT_DIGEST_INTERVAL", value_name = "DURATION", default_value = "15m", value_parser = parse_duration)]
+    pub digest_interval: Duration,
 
     /// Let CREATE/ALTER ROLE ... PASSWORD through (refused by default, so
     /// IAM stays the only way in).

@@ -610,11 +610,11 @@ mod tests {
     }
 
     fn auditor(hold_bytes: usize) -> Arc<Auditor> {
-        Arc::new(Auditor {
-            config: AuditConfig::default(),
-            sink: None,
-            limits: crate::audit::limits::Limits::new(hold_bytes),
-        })
+        Arc::new(Auditor::from_parts(
+            AuditConfig::default(),
+            None,
+            crate::audit::limits::Limits::new(hold_bytes),
+        ))
     }
 
     type Session =

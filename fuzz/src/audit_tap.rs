@@ -57,6 +57,7 @@ fn closed_sink() -> Arc<Sink> {
             queue_capacity: 16,
             parameters: true,
             settings: "fuzz".into(),
+            rotated: None,
         })
         .expect("audit writer starts in the temp dir");
         sink.close();
@@ -88,11 +89,7 @@ fn auditor(settings: u8) -> (Arc<Auditor>, Setup) {
         ..AuditConfig::default()
     };
     let sink = (mode != Mode::Off).then(closed_sink);
-    let auditor = Arc::new(Auditor {
-        config,
-        sink,
-        limits: Limits::default(),
-    });
+    let auditor = Arc::new(Auditor::from_parts(config, sink, Limits::default()));
     let setup = Setup {
         mode,
         guard,

@@ -12,6 +12,7 @@
 //! - [`verify`]: `rds-iam-proxy audit verify`.
 //! - [`limits`]: the memory and parser threads all sessions share.
 
+pub mod digest;
 pub mod event;
 pub mod functions;
 pub mod limits;
@@ -66,6 +67,38 @@ pub struct AuditConfig {
     pub rotate_bytes: u64,
     pub rotate_age: Duration,
     pub queue_capacity: usize,
+    /// Sign digests of the trail with this key ([`digest`]) [default: no
+    /// digests].
+    pub sign_key: Option<SignKey>,
+    /// How often a digest is signed (besides each rotation and the stop).
+    pub digest_interval: Duration,
+}
+
+/// Where the digest signing key is: `file:PATH` (a P-256 PKCS#8 PEM) or
+/// `kms:KEY` (a KMS key id, ARN or alias).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SignKey {
+    File(PathBuf),
+    Kms(String),
+}
+
+impl SignKey {
+    pub fn parse(v: &str) -> Option<SignKey> {
+        match v.split_once(':')? {
+            ("file", p) if !p.is_empty() => Some(SignKey::File(PathBuf::from(p))),
+            ("kms", k) if !k.is_empty() => Some(SignKey::Kms(k.to_owned())),
+            _ => None,
+        }
+    }
+}
+
+impl std::fmt::Display for SignKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            SignKey::File(p) => write!(f, "file:{}", p.display()),
+            SignKey::Kms(k) => write!(f, "kms:{k}"),
+        }
+    }
 }
 
 impl Default for AuditConfig {
@@ -80,6 +113,8 @@ impl Default for AuditConfig {
             rotate_bytes: 256 * 1024 * 1024,
             rotate_age: Duration::from_secs(24 * 3600),
             queue_capacity: 65_536,
+            sign_key: None,
+            digest_interval: Duration::from_secs(15 * 60),
         }
     }
 }
@@ -90,11 +125,32 @@ pub struct Auditor {
     pub config: AuditConfig,
     pub sink: Option<Arc<Sink>>,
     pub limits: limits::Limits,
+    /// Signed digests, when a key is configured ([`Auditor::start_digests`]).
+    digests: std::sync::Mutex<Digests>,
+    /// Digests that could not be signed or written.
+    pub digest_failures: Arc<std::sync::atomic::AtomicU64>,
 }
+
+#[derive(Debug, Default)]
+struct Digests {
+    rotations: Option<tokio::sync::mpsc::UnboundedReceiver<()>>,
+    closed: Option<tokio::sync::watch::Sender<bool>>,
+    task: Option<tokio::task::JoinHandle<()>>,
+}
+
+/// How long the stop waits for the last digest (a KMS call) to be signed.
+const LAST_DIGEST_WAIT: Duration = Duration::from_secs(15);
 
 impl Auditor {
     /// Starts the writer when the mode asks for one.
     pub fn start(config: AuditConfig) -> Result<Self, WriterError> {
+        let (rotated, rotations) = match config.sign_key {
+            Some(_) => {
+                let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+                (Some(tx), Some(rx))
+            }
+            None => (None, None),
+        };
         let sink = match (config.mode, &config.dir) {
             (Mode::Off, _) | (_, None) => None,
             (_, Some(dir)) => Some(Sink::start(WriterConfig {
@@ -111,13 +167,75 @@ impl Auditor {
                     config.max_statement_bytes
                 )
                 .to_lowercase(),
+                rotated,
             })?),
         };
         Ok(Self {
             config,
             sink,
             limits: limits::Limits::default(),
+            digests: std::sync::Mutex::new(Digests {
+                rotations,
+                ..Digests::default()
+            }),
+            digest_failures: Arc::default(),
         })
+    }
+
+    /// Starts signing digests of the trail, if a key is configured: the
+    /// key is loaded (a KMS key through `sdk`'s credentials) and the first
+    /// digest signed before this returns, so a key that cannot sign stops
+    /// the start.
+    pub async fn start_digests(
+        &self,
+        sdk: &aws_config::SdkConfig,
+    ) -> Result<(), digest::DigestError> {
+        let (Some(spec), Some(dir), Some(_)) =
+            (&self.config.sign_key, &self.config.dir, &self.sink)
+        else {
+            return Ok(());
+        };
+        let key = match spec {
+            SignKey::File(path) => digest::SigningKey::from_file(path)?,
+            SignKey::Kms(id) => digest::SigningKey::kms(aws_sdk_kms::Client::new(sdk), id).await?,
+        };
+        let mut digester = digest::Digester::new(dir, key, writer::instance())?;
+        digester.digest("start").await?;
+        tracing::info!(
+            key = %digester.fingerprint(),
+            every = ?self.config.digest_interval,
+            "audit digests: signed at start, every interval, at each rotation and at the stop"
+        );
+        let mut d = self.digests.lock().unwrap_or_else(|e| e.into_inner());
+        let rotations = d
+            .rotations
+            .take()
+            .unwrap_or_else(|| tokio::sync::mpsc::unbounded_channel().1);
+        let (closed_tx, closed) = tokio::sync::watch::channel(false);
+        d.closed = Some(closed_tx);
+        d.task = Some(tokio::spawn(digest::run(
+            digester,
+            self.config.digest_interval,
+            rotations,
+            closed,
+            self.digest_failures.clone(),
+        )));
+        Ok(())
+    }
+
+    /// An auditor from its parts (tests, the fuzz targets): no digests.
+    pub fn from_parts(
+        config: AuditConfig,
+        sink: Option<Arc<Sink>>,
+        limits: limits::Limits,
+    ) -> Self {
+        Self {
+            config,
+            sink,
+            limits,
+            digests: std::sync::Mutex::default(),
+            digest_failures: Arc::default(),
+        }
     }
 
     /// An auditor that logs nothing and guards passwords as configured.
@@ -129,6 +247,8 @@ impl Auditor {
             },
             sink: None,
             limits: limits::Limits::default(),
+            digests: std::sync::Mutex::default(),
+            digest_failures: Arc::default(),
         }
     }
 
@@ -156,6 +276,28 @@ impl Auditor {
     pub fn close(&self) {
         if let Some(s) = &self.sink {
             s.close();
+        }
+    }
+
+    /// Closes the log, then signs the last digest (covering the
+    /// `audit_stop` record), waiting for it a bounded time.
+    pub async fn close_and_sign(&self) {
+        self.close();
+        let (closed, task) = {
+            let mut d = self.digests.lock().unwrap_or_else(|e| e.into_inner());
+            (d.closed.take(), d.task.take())
+        };
+        let (Some(closed), Some(task)) = (closed, task) else {
+            return;
+        };
+        let _ = closed.send(true);
+        if tokio::time::timeout(LAST_DIGEST_WAIT, task).await.is_err() {
+            self.digest_failures
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            tracing::error!(
+                "the last audit digest was not signed within {}s: the trail's end is covered by the hash chain only",
+                LAST_DIGEST_WAIT.as_secs()
+            );
         }
     }
 }

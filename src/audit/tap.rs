@@ -614,11 +614,11 @@ mod tests {
     use crate::audit::AuditConfig;
 
     fn tap() -> SessionTap {
-        let auditor = Arc::new(Auditor {
-            config: AuditConfig::default(),
-            sink: None,
-            limits: Default::default(),
-        });
+        let auditor = Arc::new(Auditor::from_parts(
+            AuditConfig::default(),
+            None,
+            Default::default(),
+        ));
         SessionTap::new(1, auditor)
     }
 

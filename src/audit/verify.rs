@@ -183,6 +183,7 @@ mod tests {
             queue_capacity: 1024,
             parameters: false,
             settings: String::new(),
+            rotated: None,
         })
         .unwrap();
         for i in 0..events {

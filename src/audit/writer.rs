@@ -37,6 +37,8 @@ pub struct WriterConfig {
     pub parameters: bool,
     /// What the `audit_start` record says about the settings in force.
     pub settings: String,
+    /// Told after each rotation (the digests sign the closed file).
+    pub rotated: Option<tokio::sync::mpsc::UnboundedSender<()>>,
 }
 
 /// Counters for metrics and the log. Plain atomics so any exporter can read
@@ -198,7 +200,7 @@ impl Sink {
 
 /// This process, as the audit start and stop records name it:
 /// `host:pid`.
-fn instance() -> String {
+pub fn instance() -> String {
     let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
     format!("{}:{}", host.trim(), std::process::id())
 }
@@ -332,7 +334,11 @@ impl Writer {
         self.sync()?;
         let old = std::mem::take(&mut self.path);
         self.file = None;
-        self.new_file(Some(&old), why)
+        self.new_file(Some(&old), why)?;
+        if let Some(tx) = &self.config.rotated {
+            let _ = tx.send(());
+        }
+        Ok(())
     }
 
     /// Writes one record: `{"seq":N,"prev":HASH,"v":1,"type":T,"time":..,...}`.
@@ -737,6 +743,7 @@ mod tests {
             queue_capacity: 16,
             parameters: false,
             settings: settings.to_owned(),
+            rotated: None,
         }
     }
 

@@ -48,6 +48,8 @@ pub struct AuditFile {
     pub max_statement: Option<usize>,
     pub rotate_size: Option<u64>,
     pub rotate_age: Option<String>,
+    pub sign_key: Option<String>,
+    pub digest_interval: Option<String>,
     pub queue: Option<usize>,
     pub allow_password_changes: Option<bool>,
 }
@@ -174,6 +176,8 @@ impl Config {
                 rotate_age: Some(duration_text(a.rotate_age)),
                 queue: Some(a.queue_capacity),
                 allow_password_changes: Some(!a.password_guard),
+                sign_key: a.sign_key.as_ref().map(ToString::to_string),
+                digest_interval: Some(duration_text(a.digest_interval)),
             }),
             allow_remote_clients: start.allow_remote_clients.then_some(true),
             gateway: start.gateway.as_ref().map(crate::gateway::config::to_file),

@@ -467,6 +467,36 @@ fn merge_audit(
     if mode != crate::audit::Mode::Off && dir.is_none() {
         return Err(ConfigError::NoAuditDir);
     }
+    let digest_interval = match (&t.digest_interval, given("digest_interval")) {
+        (Some(v), false) => parse_duration(v).map_err(|problem| ConfigError::BadValue {
+            key: fk("audit.digest_interval"),
+            value: v.clone(),
+            problem,
+        })?,
+        _ => a.digest_interval,
+    };
+    let sign_key = match (&a.sign_key, &t.sign_key) {
+        (Some(v), _) if given("sign_key") => Some(("--audit-sign-key".to_owned(), v)),
+        (_, Some(v)) => Some((fk("audit.sign_key"), v)),
+        (Some(v), None) => Some(("--audit-sign-key".to_owned(), v)),
+        (None, None) => None,
+    };
+    let sign_key = match sign_key {
+        None => None,
+        Some((key, v)) => Some(crate::audit::SignKey::parse(v).ok_or_else(|| {
+            ConfigError::BadValue {
+                key,
+                value: v.clone(),
+                problem: "expected kms:KEY (a KMS key id, ARN or alias) or file:PATH (a P-256 private key in PEM)".into(),
+            }
+        })?),
+    };
+    if sign_key.is_some() && mode == crate::audit::Mode::Off {
+        return Err(ConfigError::Conflict {
+            key: fk("audit.sign_key"),
+            problem: "signs the audit trail's digests: it needs --audit-mode async|sync".into(),
+        });
+    }
     let allow_password_changes = pick(
         given("allow_password_changes"),
         a.allow_password_changes,
@@ -485,6 +515,8 @@ fn merge_audit(
         max_statement_bytes: pick(given("max_statement"), a.max_statement, t.max_statement).max(64),
         rotate_bytes: pick(given("rotate_mib"), a.rotate_mib, t.rotate_size).max(1) * 1024 * 1024,
         rotate_age: rotate_age.max(Duration::from_secs(1)),
+        sign_key,
+        digest_interval: digest_interval.max(Duration::from_secs(1)),
         queue_capacity: pick(given("queue"), a.queue, t.queue).max(16),
     })
 }

@@ -516,3 +516,36 @@ fn start_only_settings_are_named_on_reload() {
         ["the endpoints (2 now, 1 in the new configuration)"]
     );
 }
+
+#[test]
+fn digest_signing_settings_read_and_render_back() {
+    let toml = "[audit]\nmode = \"async\"\ndir = \"/var/log/rip\"\nsign_key = \"kms:alias/audit-digests\"\ndigest_interval = \"5m\"\n";
+    let c = load(&["--upstream", "db.x"], Some(toml)).unwrap();
+    assert_eq!(
+        c.start.audit.sign_key,
+        Some(crate::audit::SignKey::Kms("alias/audit-digests".into()))
+    );
+    assert_eq!(c.start.audit.digest_interval, Duration::from_secs(300));
+    assert_eq!(load(&["--upstream", "db.x"], Some(&c.render())).unwrap(), c);
+    let flag = load(
+        &["--upstream", "db.x", "--audit-sign-key", "file:/etc/rip/key.pem"],
+        Some(toml),
+    )
+    .unwrap();
+    assert_eq!(
+        flag.start.audit.sign_key,
+        Some(crate::audit::SignKey::File("/etc/rip/key.pem".into()))
+    );
+    let bad = load(
+        &["--upstream", "db.x"],
+        Some(&toml.replace("kms:alias/audit-digests", "alias/audit-digests")),
+    )
+    .unwrap_err();
+    assert!(bad.to_string().contains("audit.sign_key in /etc/p.toml"), "{bad}");
+    let off = load(
+        &["--upstream", "db.x"],
+        Some("[audit]\nsign_key = \"file:/k.pem\"\n"),
+    )
+    .unwrap_err();
+    assert!(off.to_string().contains("needs --audit-mode"), "{off}");
+}

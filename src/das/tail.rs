@@ -167,17 +167,30 @@ pub fn json_line(
     batch: &record::Batch,
     who: Option<Option<&std::sync::Arc<ProxySession>>>,
 ) -> String {
-    let mut o = e.fields.clone();
+    // The event's own object, then the added fields before its closing
+    // brace: no copy of the event is made.
+    let mut line = serde_json::to_string(&e.fields).unwrap_or_else(|_| "{}".to_owned());
+    line.pop();
+    let mut first = e.fields.is_empty();
+    let mut add = |line: &mut String, key: &str, value: &Value| {
+        if !first {
+            line.push(',');
+        }
+        first = false;
+        line.push_str(&Value::String(key.to_owned()).to_string());
+        line.push(':');
+        line.push_str(&value.to_string());
+    };
     for (k, v) in [
         ("clusterId", &batch.cluster_id),
         ("instanceId", &batch.instance_id),
     ] {
-        if !o.contains_key(k) && !v.is_empty() {
-            o.insert(k.into(), Value::String(v.clone()));
+        if !e.fields.contains_key(k) && !v.is_empty() {
+            add(&mut line, k, &Value::String(v.clone()));
         }
     }
     if let Some(who) = who {
-        o.insert("through_proxy".into(), Value::Bool(who.is_some()));
+        add(&mut line, "through_proxy", &Value::Bool(who.is_some()));
         if let Some(s) = who {
             for (k, v) in [
                 ("person", &s.person),
@@ -185,17 +198,17 @@ pub fn json_line(
                 ("role_arn", &s.role_arn),
                 ("access_key_id", &s.access_key_id),
             ] {
-                o.insert(k.into(), Value::String(v.clone()));
+                add(&mut line, k, &Value::String(v.clone()));
             }
-            o.insert("proxy_conn".into(), Value::from(s.conn));
-            o.insert(
-                "proxy_instance".into(),
-                Value::String(s.instance.to_string()),
+            add(&mut line, "proxy_conn", &Value::from(s.conn));
+            add(
+                &mut line,
+                "proxy_instance",
+                &Value::String(s.instance.to_string()),
             );
         }
     }
-    let mut line = Value::Object(o).to_string();
-    line.push('\n');
+    line.push_str("}\n");
     line
 }
 
@@ -259,6 +272,60 @@ fn shown(s: &str, max: usize) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn json_lines_add_the_person_to_the_events_own_fields() {
+        let e = Event {
+            fields: serde_json::from_str(r#"{"class":"READ","commandText":"select \"x\"\n"}"#)
+                .unwrap(),
+        };
+        let batch = record::Batch {
+            cluster_id: "cluster-X".into(),
+            ..record::Batch::default()
+        };
+        let s = std::sync::Arc::new(ProxySession {
+            instance: std::sync::Arc::from("h:1"),
+            conn: 7,
+            person: "arianna".into(),
+            identity_source: "sso".into(),
+            role_arn: "arn".into(),
+            access_key_id: "ASIA".into(),
+            db_user: String::new(),
+            database: String::new(),
+            backend_pid: None,
+            upstream_local_port: None,
+            session_id: None,
+            started_after: None,
+            started_before: None,
+            time: None,
+        });
+        let line = json_line(&e, &batch, Some(Some(&s)));
+        assert!(
+            line.ends_with("}\n") && line.matches('\n').count() == 1,
+            "{line:?}"
+        );
+        let v: Value = serde_json::from_str(&line).unwrap();
+        assert_eq!(v["commandText"], "select \"x\"\n");
+        assert_eq!(v["clusterId"], "cluster-X");
+        assert_eq!(
+            (v["person"].as_str(), v["proxy_conn"].as_u64()),
+            (Some("arianna"), Some(7))
+        );
+        assert_eq!(v["through_proxy"], true);
+        let none = json_line(
+            &Event {
+                fields: Default::default(),
+            },
+            &record::Batch::default(),
+            Some(None),
+        );
+        assert_eq!(none, "{\"through_proxy\":false}\n");
+        let plain = json_line(&e, &record::Batch::default(), None);
+        assert_eq!(
+            serde_json::from_str::<Value>(&plain).unwrap(),
+            Value::Object(e.fields.clone())
+        );
+    }
 
     #[test]
     fn text_lines_escape_what_a_client_wrote() {
