@@ -110,6 +110,13 @@ async fn exchange(mut sock: TcpStream, app: &AppContext, eps: &[Arc<EndpointCont
             }
             let mut page = app.metrics.render();
             crate::metrics::Metrics::render_worker_sessions(&mut page, &app.workers.sessions());
+            app.audit.shipping.render(&mut page, "rds_iam_proxy");
+            crate::metrics::counter(
+                &mut page,
+                "rds_iam_proxy_audit_digest_failures_total",
+                "Audit digests that could not be signed or written.",
+                app.audit.digest_failures.load(Relaxed),
+            );
             (200, "text/plain; version=0.0.4; charset=utf-8", page)
         }
         _ => (
@@ -163,6 +170,9 @@ pub async fn readiness(app: &AppContext, eps: &[Arc<EndpointContext>]) -> Result
     }
     if !app.started.load(Ordering::Acquire) {
         reasons.push("listeners not up yet".to_owned());
+    }
+    if let Some(behind) = app.audit.shipping.behind() {
+        reasons.push(behind);
     }
     let config = app.config.load_full();
     if app.metrics.active() >= config.live.max_connections {

@@ -278,6 +278,7 @@ pub async fn build(
         PeerPolicy::from_allow_list(crate::peer::own_uid()?, &config.start.allow_local_users)?;
     let audit = Arc::new(crate::audit::Auditor::start(config.start.audit.clone())?);
     audit.start_digests(&sdk).await?;
+    audit.start_shipping(&sdk);
     let identity = IdentityService::new(&sdk, config.start.identity.clone());
     let (phase_tx, phase) = watch::channel(Phase::Running);
     let workers = crate::workers::SessionWorkers::start(config.start.worker_threads)

@@ -598,6 +598,67 @@ pub struct AuditArgs {
     #[arg(long = "audit-digest-interval", env = "RDS_IAM_PROXY_AUDIT_DIGEST_INTERVAL", value_name = "DURATION", default_value = "15m", value_parser = parse_duration)]
     pub digest_interval: Duration,
 
+    /// Ship each closed audit file, digest and the public key to this S3
+    /// bucket, under PREFIX/instance=ID/date=YYYY-MM-DD/ [default: no S3].
+    #[arg(
+        long = "audit-s3-bucket",
+        env = "RDS_IAM_PROXY_AUDIT_S3_BUCKET",
+        value_name = "BUCKET"
+    )]
+    pub s3_bucket: Option<String>,
+
+    /// Key prefix in the bucket (e.g. rds-iam-proxy/).
+    #[arg(
+        long = "audit-s3-prefix",
+        env = "RDS_IAM_PROXY_AUDIT_S3_PREFIX",
+        value_name = "PREFIX",
+        default_value = ""
+    )]
+    pub s3_prefix: String,
+
+    /// Object Lock mode for each object: compliance (nobody can shorten
+    /// or delete, root included) or governance [default: the bucket's
+    /// default retention, if any].
+    #[arg(
+        long = "audit-s3-lock-mode",
+        env = "RDS_IAM_PROXY_AUDIT_S3_LOCK_MODE",
+        value_enum,
+        value_name = "MODE"
+    )]
+    pub s3_lock_mode: Option<crate::audit::ship::LockMode>,
+
+    /// Retention with --audit-s3-lock-mode (e.g. 365d).
+    #[arg(long = "audit-s3-retention", env = "RDS_IAM_PROXY_AUDIT_S3_RETENTION", value_name = "DURATION", default_value = "365d", value_parser = parse_duration)]
+    pub s3_retention: Duration,
+
+    /// Send every audit record, as it is written, to this Kinesis data
+    /// stream (partition key: the instance id) [default: no Kinesis].
+    #[arg(
+        long = "audit-kinesis-stream",
+        env = "RDS_IAM_PROXY_AUDIT_KINESIS_STREAM",
+        value_name = "STREAM"
+    )]
+    pub kinesis_stream: Option<String>,
+
+    /// This proxy's name in the shipped layout and the partition key
+    /// [default: the host name].
+    #[arg(
+        long = "audit-instance-id",
+        env = "RDS_IAM_PROXY_AUDIT_INSTANCE_ID",
+        value_name = "ID"
+    )]
+    pub instance_id: Option<String>,
+
+    /// Unshipped MiB beyond which /readiness reports not ready (the files
+    /// stay on disk until shipped) [default: 0, no limit].
+    #[arg(
+        long = "audit-spool-max",
+        env = "RDS_IAM_PROXY_AUDIT_SPOOL_MAX",
+        value_name = "MIB",
+        default_value_t = 0
+    )]
+    pub spool_max_mib: u64,
+
     /// Let CREATE/ALTER ROLE ... PASSWORD through (refused by default, so
     /// IAM stays the only way in).
     #[arg(
@@ -613,7 +674,7 @@ pub enum LogFormat {
     Json,
 }
 
-/// Parses `500ms`, `30s`, `5m`, `1h` or a bare number of seconds.
+/// Parses `500ms`, `30s`, `5m`, `1h`, `7d` or a bare number of seconds.
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     // Far beyond any timeout, and what a deadline `now + d` can hold.
     const MAX_SECS: u64 = 100 * 365 * 24 * 3600;
@@ -632,9 +693,10 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
         "" | "s" => 1,
         "m" => 60,
         "h" => 3600,
+        "d" => 86_400,
         _ => {
             return Err(format!(
-                "{s:?} has unknown unit {unit:?}: use ms, s, m or h"
+                "{s:?} has unknown unit {unit:?}: use ms, s, m, h or d"
             ));
         }
     };

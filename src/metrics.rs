@@ -404,7 +404,7 @@ impl Histogram {
     }
 }
 
-fn counter(s: &mut String, name: &str, help: &str, v: u64) {
+pub fn counter(s: &mut String, name: &str, help: &str, v: u64) {
     let _ = writeln!(s, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {v}");
 }
 

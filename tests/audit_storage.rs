@@ -239,3 +239,229 @@ fn digests_signed_with_a_kms_key() {
     let _ = std::fs::remove_dir_all(&keys);
     let _ = std::fs::remove_file(&copy);
 }
+
+/// testbed/audit_sinks.py: the S3 bucket and Kinesis stream in moto, and
+/// what arrived there.
+fn sinks(bed: &support::bed::Bed, args: &[&str]) -> serde_json::Value {
+    let out = Command::new(repo_root().join(".venv/bin/python"))
+        .arg(repo_root().join("testbed/audit_sinks.py"))
+        .args(["--endpoint", &bed.info.moto_url])
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "audit_sinks.py {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+fn metric(proxy: &Proxy, series: &str) -> f64 {
+    let (_, page) = support::proxy::http_get(proxy.admin_addr(), "/metrics");
+    support::proxy::metric(&page, series)
+}
+
+fn wait_until(what: &str, within: Duration, mut ok: impl FnMut() -> bool) {
+    let deadline = std::time::Instant::now() + within;
+    while !ok() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn ships_to_s3_under_object_lock_and_to_kinesis_through_an_outage_and_a_kill() {
+    let Some((bed, home)) = sso_setup("audit_shipping", "storage") else {
+        return;
+    };
+    let n = std::process::id();
+    let bucket = format!("rip-audit-{n}");
+    let stream = format!("rip-audit-{n}");
+    let dir = unique_temp_path("rdsiam-ship-audit");
+    let keys = unique_temp_path("rdsiam-ship-keys");
+    std::fs::create_dir_all(&keys).unwrap();
+    let key = keys.join("k.pem");
+    openssl(&[
+        "genpkey",
+        "-algorithm",
+        "EC",
+        "-pkeyopt",
+        "ec_paramgen_curve:P-256",
+        "-out",
+        key.to_str().unwrap(),
+    ]);
+    let start = || {
+        Proxy::builder(bed, &home)
+            .arg("--audit-mode", "sync")
+            .arg("--audit-dir", &dir)
+            .arg("--audit-rotate-age", "1s")
+            .arg("--audit-sign-key", format!("file:{}", key.display()))
+            .arg("--audit-s3-bucket", &bucket)
+            .arg("--audit-s3-prefix", "trail")
+            .arg("--audit-s3-lock-mode", "compliance")
+            .arg("--audit-s3-retention", "1d")
+            .arg("--audit-kinesis-stream", &stream)
+            .arg("--audit-instance-id", "bastion-a")
+            .arg("--admin-listen", "127.0.0.1:0")
+            .start()
+    };
+
+    // The sinks do not exist yet: an outage. Records wait on disk.
+    let mut proxy = start();
+    run_session(&proxy, &["select 'shipped one' as x"]);
+    wait_until("a rotation", Duration::from_secs(20), || {
+        rds_iam_proxy::audit::writer::audit_files(&dir)
+            .unwrap()
+            .len()
+            >= 2
+    });
+    wait_until("failed shipping calls", Duration::from_secs(20), || {
+        metric(
+            &proxy,
+            "rds_iam_proxy_audit_ship_failures_total{sink=\"s3\"}",
+        ) > 0.0
+            && metric(
+                &proxy,
+                "rds_iam_proxy_audit_ship_failures_total{sink=\"kinesis\"}",
+            ) > 0.0
+    });
+    assert!(
+        metric(
+            &proxy,
+            "rds_iam_proxy_audit_ship_pending_bytes{sink=\"s3\"}"
+        ) > 0.0
+    );
+
+    // The sinks come up: shipping resumes by itself.
+    sinks(bed, &["create-bucket", &bucket]);
+    sinks(bed, &["create-stream", &stream]);
+    wait_until("the first files in S3", Duration::from_secs(90), || {
+        metric(
+            &proxy,
+            "rds_iam_proxy_audit_shipped_items_total{sink=\"s3\"}",
+        ) >= 2.0
+            && metric(
+                &proxy,
+                "rds_iam_proxy_audit_shipped_items_total{sink=\"kinesis\"}",
+            ) >= 5.0
+    });
+
+    // kill -9 in the middle of it, then a restart on the same directory.
+    run_session(&proxy, &["select 'shipped two' as x"]);
+    proxy.signal("KILL");
+    let _ = proxy.wait_exit(Duration::from_secs(10));
+    let mut proxy = start();
+    run_session(&proxy, &["select 'shipped three' as x"]);
+    proxy.signal("TERM");
+    assert!(
+        proxy.wait_exit(Duration::from_secs(60)).success(),
+        "{}",
+        proxy.log()
+    );
+
+    // Everything is in S3, byte for byte, once; and every record in Kinesis.
+    let out = unique_temp_path("rdsiam-ship-dump");
+    let dump = sinks(
+        bed,
+        &["dump", &bucket, "trail/", &stream, out.to_str().unwrap()],
+    );
+    let objects = dump["objects"].as_object().unwrap();
+    let local: Vec<PathBuf> = rds_iam_proxy::audit::writer::audit_files(&dir)
+        .unwrap()
+        .into_iter()
+        .chain(rds_iam_proxy::audit::digest::digest_files(&dir).unwrap())
+        .collect();
+    let mut lines = Vec::new();
+    for path in &local {
+        let name = path.file_name().unwrap().to_str().unwrap();
+        let (key, o) = objects
+            .iter()
+            .find(|(k, _)| k.ends_with(&format!("/{name}")))
+            .unwrap_or_else(|| panic!("{name} not shipped: {dump:#}"));
+        assert!(key.starts_with("trail/instance=bastion-a/date="), "{key}");
+        assert_eq!(o["versions"], 1, "{key} shipped once: {o}");
+        assert_eq!(o["lock_mode"], "COMPLIANCE", "{key}: {o}");
+        let shipped = std::fs::read(o["path"].as_str().unwrap()).unwrap();
+        assert_eq!(shipped, std::fs::read(path).unwrap(), "{key} byte for byte");
+        if name.starts_with("audit-") {
+            lines.extend(
+                String::from_utf8(shipped)
+                    .unwrap()
+                    .lines()
+                    .map(str::to_owned)
+                    .collect::<Vec<_>>(),
+            );
+        }
+    }
+    assert!(objects.contains_key("trail/instance=bastion-a/digest-public-key.pem"));
+    let records: Vec<&str> = dump["records"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r.as_str().unwrap().trim_end())
+        .collect();
+    let unique: std::collections::BTreeSet<&str> = records.iter().copied().collect();
+    let all: std::collections::BTreeSet<&str> = lines.iter().map(String::as_str).collect();
+    assert_eq!(unique, all, "every record in Kinesis, nothing else");
+    // At most what kill -9 cut between a send and its note came twice.
+    assert!(
+        records.len() - unique.len() <= 500,
+        "{} repeats",
+        records.len() - unique.len()
+    );
+    // The shipped trail verifies on its own.
+    let shipped_dir = out.join("trail/instance=bastion-a");
+    let flat = unique_temp_path("rdsiam-ship-flat");
+    std::fs::create_dir_all(&flat).unwrap();
+    for e in walk(&shipped_dir) {
+        std::fs::copy(&e, flat.join(e.file_name().unwrap())).unwrap();
+    }
+    let public = keys.join("k.pub");
+    openssl(&[
+        "pkey",
+        "-in",
+        key.to_str().unwrap(),
+        "-pubout",
+        "-out",
+        public.to_str().unwrap(),
+    ]);
+    let (ok, report) = verify(&flat, Some(&public));
+    assert!(ok, "{report}");
+
+    // The store refuses to delete a locked object.
+    let some_key = objects.keys().find(|k| k.ends_with(".jsonl")).unwrap();
+    let refused = sinks(bed, &["delete-locked", &bucket, some_key]);
+    assert_eq!(refused["deleted"], false, "{refused}");
+
+    // Who ran what, as one query on an existing engine over the layout.
+    let who = sinks(bed, &["duckdb", out.to_str().unwrap()]);
+    let rows = who["rows"].as_array().unwrap();
+    for text in ["shipped one", "shipped two", "shipped three"] {
+        assert!(
+            rows.iter().any(|r| r[0] == "storage"
+                && r[2] == "bastion-a"
+                && r[3].as_str().unwrap().contains(text)),
+            "{text}: {who:#}"
+        );
+    }
+    for d in [&dir, &keys, &out, &flat] {
+        let _ = std::fs::remove_dir_all(d);
+    }
+}
+
+fn walk(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).unwrap() {
+        let p = e.unwrap().path();
+        if p.is_dir() {
+            out.extend(walk(&p));
+        } else {
+            out.push(p);
+        }
+    }
+    out
+}

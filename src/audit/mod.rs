@@ -19,6 +19,7 @@ pub mod limits;
 pub mod model;
 pub mod record;
 pub mod redact;
+pub mod ship;
 pub mod tap;
 pub mod verify;
 pub mod writer;
@@ -72,6 +73,8 @@ pub struct AuditConfig {
     pub sign_key: Option<SignKey>,
     /// How often a digest is signed (besides each rotation and the stop).
     pub digest_interval: Duration,
+    /// Shipping off the host ([`ship`]): sinks, layout, spool bound.
+    pub ship: ship::ShipConfig,
 }
 
 /// Where the digest signing key is: `file:PATH` (a P-256 PKCS#8 PEM) or
@@ -115,6 +118,7 @@ impl Default for AuditConfig {
             queue_capacity: 65_536,
             sign_key: None,
             digest_interval: Duration::from_secs(15 * 60),
+            ship: ship::ShipConfig::default(),
         }
     }
 }
@@ -129,6 +133,8 @@ pub struct Auditor {
     digests: std::sync::Mutex<Digests>,
     /// Digests that could not be signed or written.
     pub digest_failures: Arc<std::sync::atomic::AtomicU64>,
+    /// The sinks the trail is shipped to, and how far behind they are.
+    pub shipping: ship::Shipping,
 }
 
 #[derive(Debug, Default)]
@@ -136,7 +142,13 @@ struct Digests {
     rotations: Option<tokio::sync::mpsc::UnboundedReceiver<()>>,
     closed: Option<tokio::sync::watch::Sender<bool>>,
     task: Option<tokio::task::JoinHandle<()>>,
+    /// The shipping tasks, told after the last digest.
+    ship_closed: Option<tokio::sync::watch::Sender<bool>>,
+    ship_tasks: Vec<tokio::task::JoinHandle<()>>,
 }
+
+/// How long the stop waits for the last files to be shipped.
+const LAST_SHIP_WAIT: Duration = Duration::from_secs(30);
 
 /// How long the stop waits for the last digest (a KMS call) to be signed.
 const LAST_DIGEST_WAIT: Duration = Duration::from_secs(15);
@@ -170,6 +182,11 @@ impl Auditor {
                 rotated,
             })?),
         };
+        let shipping = ship::Shipping {
+            s3: config.ship.s3_bucket.as_ref().map(|_| Arc::default()),
+            kinesis: config.ship.kinesis_stream.as_ref().map(|_| Arc::default()),
+            spool_max_bytes: config.ship.spool_max_bytes,
+        };
         Ok(Self {
             config,
             sink,
@@ -179,7 +196,52 @@ impl Auditor {
                 ..Digests::default()
             }),
             digest_failures: Arc::default(),
+            shipping,
         })
+    }
+
+    /// Starts the shipping sinks, if any are configured.
+    pub fn start_shipping(&self, sdk: &aws_config::SdkConfig) {
+        let (Some(dir), Some(_)) = (&self.config.dir, &self.sink) else {
+            return;
+        };
+        let ship = &self.config.ship;
+        let (tx, rx) = tokio::sync::watch::channel(false);
+        let mut tasks = Vec::new();
+        if let (Some(_), Some(stats)) = (&ship.s3_bucket, &self.shipping.s3) {
+            // A custom endpoint (a test double, MinIO) takes path-style
+            // addressing; AWS's own takes either.
+            let conf = aws_sdk_s3::config::Builder::from(sdk)
+                .force_path_style(sdk.endpoint_url().is_some())
+                .build();
+            let s = ship::S3Shipper::new(
+                dir,
+                ship.clone(),
+                aws_sdk_s3::Client::from_conf(conf),
+                stats.clone(),
+            );
+            tasks.push(tokio::spawn(ship::run_s3(s, rx.clone())));
+        }
+        if let (Some(_), Some(stats)) = (&ship.kinesis_stream, &self.shipping.kinesis) {
+            let k = ship::KinesisShipper::new(
+                dir,
+                ship,
+                aws_sdk_kinesis::Client::new(sdk),
+                stats.clone(),
+            );
+            tasks.push(tokio::spawn(ship::run_kinesis(k, rx)));
+        }
+        if !tasks.is_empty() {
+            tracing::info!(
+                instance = %ship.instance_id,
+                s3 = ?ship.s3_bucket,
+                kinesis = ?ship.kinesis_stream,
+                "audit shipping started"
+            );
+            let mut d = self.digests.lock().unwrap_or_else(|e| e.into_inner());
+            d.ship_closed = Some(tx);
+            d.ship_tasks = tasks;
+        }
     }
 
     /// Starts signing digests of the trail, if a key is configured: the
@@ -235,6 +297,7 @@ impl Auditor {
             limits,
             digests: std::sync::Mutex::default(),
             digest_failures: Arc::default(),
+            shipping: ship::Shipping::default(),
         }
     }
 
@@ -249,6 +312,7 @@ impl Auditor {
             limits: limits::Limits::default(),
             digests: std::sync::Mutex::default(),
             digest_failures: Arc::default(),
+            shipping: ship::Shipping::default(),
         }
     }
 
@@ -280,16 +344,39 @@ impl Auditor {
     }
 
     /// Closes the log, then signs the last digest (covering the
-    /// `audit_stop` record), waiting for it a bounded time.
+    /// `audit_stop` record) and ships what is left, waiting for each a
+    /// bounded time.
     pub async fn close_and_sign(&self) {
         self.close();
-        let (closed, task) = {
+        let (closed, task, ship_closed, ship_tasks) = {
             let mut d = self.digests.lock().unwrap_or_else(|e| e.into_inner());
-            (d.closed.take(), d.task.take())
+            (
+                d.closed.take(),
+                d.task.take(),
+                d.ship_closed.take(),
+                std::mem::take(&mut d.ship_tasks),
+            )
         };
-        let (Some(closed), Some(task)) = (closed, task) else {
-            return;
-        };
+        if let (Some(closed), Some(task)) = (closed, task) {
+            self.sign_last(closed, task).await;
+        }
+        if let Some(tx) = ship_closed {
+            let _ = tx.send(true);
+            let all = futures_join(ship_tasks);
+            if tokio::time::timeout(LAST_SHIP_WAIT, all).await.is_err() {
+                tracing::error!(
+                    "audit shipping did not finish within {}s: what is left is shipped at the next start",
+                    LAST_SHIP_WAIT.as_secs()
+                );
+            }
+        }
+    }
+
+    async fn sign_last(
+        &self,
+        closed: tokio::sync::watch::Sender<bool>,
+        task: tokio::task::JoinHandle<()>,
+    ) {
         let _ = closed.send(true);
         if tokio::time::timeout(LAST_DIGEST_WAIT, task).await.is_err() {
             self.digest_failures
@@ -299,5 +386,12 @@ impl Auditor {
                 LAST_DIGEST_WAIT.as_secs()
             );
         }
+    }
+}
+
+/// Waits for every task (their results do not matter here).
+async fn futures_join(tasks: Vec<tokio::task::JoinHandle<()>>) {
+    for t in tasks {
+        let _ = t.await;
     }
 }

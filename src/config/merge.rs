@@ -497,6 +497,15 @@ fn merge_audit(
             problem: "signs the audit trail's digests: it needs --audit-mode async|sync".into(),
         });
     }
+    let ship = merge_ship(a, given, t, fk)?;
+    if mode == crate::audit::Mode::Off
+        && (ship.s3_bucket.is_some() || ship.kinesis_stream.is_some())
+    {
+        return Err(ConfigError::Conflict {
+            key: fk("audit.s3_bucket / audit.kinesis_stream"),
+            problem: "ships the audit trail: it needs --audit-mode async|sync".into(),
+        });
+    }
     let allow_password_changes = pick(
         given("allow_password_changes"),
         a.allow_password_changes,
@@ -517,6 +526,7 @@ fn merge_audit(
         rotate_age: rotate_age.max(Duration::from_secs(1)),
         sign_key,
         digest_interval: digest_interval.max(Duration::from_secs(1)),
+        ship,
         queue_capacity: pick(given("queue"), a.queue, t.queue).max(16),
     })
 }
@@ -576,4 +586,74 @@ fn check_distinct(endpoints: &[EndpointConfig], path: Option<&Path>) -> Result<(
         }
     }
     Ok(())
+}
+
+/// The shipping flags over the `[audit]` table's shipping keys.
+fn merge_ship(
+    a: &crate::cli::AuditArgs,
+    given: Given<'_>,
+    t: &AuditFile,
+    fk: &dyn Fn(&str) -> String,
+) -> Result<crate::audit::ship::ShipConfig, ConfigError> {
+    use clap::ValueEnum as _;
+    let lock_mode = match (&t.s3_lock_mode, given("s3_lock_mode")) {
+        (Some(v), false) => Some(crate::audit::ship::LockMode::from_str(v, true).map_err(
+            |_| ConfigError::BadValue {
+                key: fk("audit.s3_lock_mode"),
+                value: v.clone(),
+                problem: "use \"compliance\" or \"governance\"".into(),
+            },
+        )?),
+        _ => a.s3_lock_mode,
+    };
+    let retention = match (&t.s3_retention, given("s3_retention")) {
+        (Some(v), false) => parse_duration(v).map_err(|problem| ConfigError::BadValue {
+            key: fk("audit.s3_retention"),
+            value: v.clone(),
+            problem,
+        })?,
+        _ => a.s3_retention,
+    };
+    let mut prefix = pick(given("s3_prefix"), a.s3_prefix.clone(), t.s3_prefix.clone());
+    if !prefix.is_empty() && !prefix.ends_with('/') {
+        prefix.push('/');
+    }
+    let instance_id = pick(
+        given("instance_id"),
+        a.instance_id.clone(),
+        t.instance_id.clone().map(Some),
+    )
+    .unwrap_or_else(|| {
+        std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .map(|h| h.trim().to_owned())
+            .unwrap_or_default()
+    });
+    if instance_id.is_empty()
+        || !instance_id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+    {
+        return Err(ConfigError::BadValue {
+            key: fk("audit.instance_id"),
+            value: instance_id,
+            problem: "letters, digits, '-', '_' and '.' only: it names the instance in S3 keys"
+                .into(),
+        });
+    }
+    Ok(crate::audit::ship::ShipConfig {
+        instance_id,
+        s3_bucket: pick(
+            given("s3_bucket"),
+            a.s3_bucket.clone(),
+            t.s3_bucket.clone().map(Some),
+        ),
+        s3_prefix: prefix,
+        s3_lock: lock_mode.map(|m| (m, retention.max(Duration::from_secs(1)))),
+        kinesis_stream: pick(
+            given("kinesis_stream"),
+            a.kinesis_stream.clone(),
+            t.kinesis_stream.clone().map(Some),
+        ),
+        spool_max_bytes: pick(given("spool_max_mib"), a.spool_max_mib, t.spool_max) << 20,
+    })
 }

@@ -528,7 +528,12 @@ fn digest_signing_settings_read_and_render_back() {
     assert_eq!(c.start.audit.digest_interval, Duration::from_secs(300));
     assert_eq!(load(&["--upstream", "db.x"], Some(&c.render())).unwrap(), c);
     let flag = load(
-        &["--upstream", "db.x", "--audit-sign-key", "file:/etc/rip/key.pem"],
+        &[
+            "--upstream",
+            "db.x",
+            "--audit-sign-key",
+            "file:/etc/rip/key.pem",
+        ],
         Some(toml),
     )
     .unwrap();
@@ -541,7 +546,10 @@ fn digest_signing_settings_read_and_render_back() {
         Some(&toml.replace("kms:alias/audit-digests", "alias/audit-digests")),
     )
     .unwrap_err();
-    assert!(bad.to_string().contains("audit.sign_key in /etc/p.toml"), "{bad}");
+    assert!(
+        bad.to_string().contains("audit.sign_key in /etc/p.toml"),
+        "{bad}"
+    );
     let off = load(
         &["--upstream", "db.x"],
         Some("[audit]\nsign_key = \"file:/k.pem\"\n"),
