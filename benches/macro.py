@@ -195,6 +195,8 @@ class Bench:
         print(f"machine: {os.cpu_count()} cores, {cpu_model()}; load before: {load()}", flush=True)
         self.start_bed()
         i = self.info
+        for cmd in a.setup:
+            subprocess.run(cmd, shell=True, check=True, env={**os.environ, "MOTO_URL": i["moto_url"]})
         token = self.token()
         direct = {"PGHOST": "127.0.0.1", "PGPORT": str(i["pg_port"]), "PGSSLMODE": "verify-full",
                   "PGSSLROOTCERT": i["ca_cert"], "PGPASSWORD": token}
@@ -236,6 +238,9 @@ class Bench:
                     print(f"  round {rnd + 1} {sc:9} {name:10} tps {tps:9.1f}  lat {lat:7.3f} ms"
                           + (f"  cpu {cpu / txns * 1e6:7.1f} us/txn" if cpu is not None else ""), flush=True)
         self.report(results, targets)
+        for cmd in a.after:
+            subprocess.run(cmd, shell=True, check=True,
+                           env={**self.clean_env(), "PATH": os.environ["PATH"], "MOTO_URL": i["moto_url"]})
         for name in targets:
             if name.startswith("proxy-audit-"):
                 d = self.work / f"audit-{name.rsplit('-', 1)[1]}"
@@ -304,6 +309,10 @@ def main():
     ap.add_argument("--targets", nargs="+", default=os.environ.get("TARGETS", " ".join(TARGETS)).split())
     ap.add_argument("--variant", action="append", default=[], type=lambda s: (s.split("=", 1)[0], s.split("=", 1)[1].split()),
                     help="an extra proxy target NAME='--flag value ...' (e.g. proxy-audit-sync='--audit-mode sync ...')")
+    ap.add_argument("--setup", action="append", default=[],
+                    help="a shell command run once the bed is up, with MOTO_URL set (e.g. to create an S3 bucket)")
+    ap.add_argument("--after", action="append", default=[],
+                    help="a shell command run after the report, before the bed stops, with MOTO_URL set")
     ap.add_argument("--binary", action="append", default=[], type=lambda s: tuple(s.split("=", 1)),
                     help="run a proxy target from another build NAME=PATH (e.g. --variant old='' "
                          "--binary old=/tmp/rds-iam-proxy-before, to compare two builds in one run)")
