@@ -557,3 +557,25 @@ fn digest_signing_settings_read_and_render_back() {
     .unwrap_err();
     assert!(off.to_string().contains("needs --audit-mode"), "{off}");
 }
+
+/// The `[audit]` table of the reference in docs/configuration.md loads
+/// as it stands (the reference as a whole lists keys that exclude each
+/// other, e.g. `gateway` beside `connect_to`).
+#[test]
+fn the_documented_audit_table_loads() {
+    let doc = include_str!("../../docs/configuration.md");
+    let start = doc.find("\n[audit]").expect("an [audit] table");
+    let end = start + doc[start..].find("\n[[endpoint]]").expect("its end");
+    let text = format!("{}\n[[endpoint]]\nupstream = \"db.x\"\n", &doc[start..end]);
+    let c = load(&[], Some(&text)).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(c.start.audit.mode, crate::audit::Mode::Sync);
+    assert!(c.start.audit.sign_key.is_some() && c.start.audit.ship.s3_bucket.is_some());
+    assert_eq!(
+        c.start.audit.ship.s3_lock,
+        Some((
+            crate::audit::ship::LockMode::Compliance,
+            Duration::from_secs(2555 * 86_400)
+        ))
+    );
+    assert_eq!(load(&[], Some(&c.render())).unwrap(), c);
+}
