@@ -465,3 +465,108 @@ fn walk(dir: &Path) -> Vec<PathBuf> {
     }
     out
 }
+
+#[test]
+fn two_instances_ship_at_once_and_verify_independently() {
+    let Some((bed, home)) = sso_setup("audit_fleet", "storage") else {
+        return;
+    };
+    let bucket = format!("rip-fleet-{}", std::process::id());
+    sinks(bed, &["create-bucket", &bucket]);
+    let keys = unique_temp_path("rdsiam-fleet-keys");
+    std::fs::create_dir_all(&keys).unwrap();
+    let key = keys.join("k.pem");
+    let public = keys.join("k.pub");
+    openssl(&[
+        "genpkey",
+        "-algorithm",
+        "EC",
+        "-pkeyopt",
+        "ec_paramgen_curve:P-256",
+        "-out",
+        key.to_str().unwrap(),
+    ]);
+    openssl(&[
+        "pkey",
+        "-in",
+        key.to_str().unwrap(),
+        "-pubout",
+        "-out",
+        public.to_str().unwrap(),
+    ]);
+    let start = |id: &str, dir: &Path| {
+        Proxy::builder(bed, &home)
+            .arg("--audit-mode", "async")
+            .arg("--audit-dir", dir)
+            .arg("--audit-rotate-age", "1s")
+            .arg("--audit-sign-key", format!("file:{}", key.display()))
+            .arg("--audit-s3-bucket", &bucket)
+            .arg("--audit-instance-id", id)
+            .start()
+    };
+    let dirs = [
+        unique_temp_path("rdsiam-fleet-a"),
+        unique_temp_path("rdsiam-fleet-b"),
+    ];
+    let mut a = start("gw-a", &dirs[0]);
+    let mut b = start("gw-b", &dirs[1]);
+    for round in 0..3 {
+        run_session(&a, &[&format!("select 'from a, round {round}'")]);
+        run_session(&b, &[&format!("select 'from b, round {round}'")]);
+    }
+    for p in [&a, &b] {
+        p.signal("TERM");
+    }
+    for p in [&mut a, &mut b] {
+        assert!(
+            p.wait_exit(Duration::from_secs(60)).success(),
+            "{}",
+            p.log()
+        );
+    }
+    let out = unique_temp_path("rdsiam-fleet-dump");
+    let dump = sinks(bed, &["dump", &bucket, "", "", out.to_str().unwrap()]);
+    let keys_shipped: Vec<&String> = dump["objects"].as_object().unwrap().keys().collect();
+    // Each instance's copy, from S3, in a directory of its own.
+    let mut copies = Vec::new();
+    for id in ["gw-a", "gw-b"] {
+        assert!(
+            keys_shipped
+                .iter()
+                .any(|k| k.starts_with(&format!("instance={id}/date="))),
+            "{id}: {keys_shipped:?}"
+        );
+        let copy = unique_temp_path(&format!("rdsiam-fleet-copy-{id}"));
+        std::fs::create_dir_all(&copy).unwrap();
+        for f in walk(&out.join(format!("instance={id}"))) {
+            std::fs::copy(&f, copy.join(f.file_name().unwrap())).unwrap();
+        }
+        copies.push(copy);
+    }
+    let fleet = |dirs: &[PathBuf]| {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_rds-iam-proxy"));
+        cmd.args(["audit", "verify"])
+            .args(dirs)
+            .arg("--public-key")
+            .arg(&public);
+        let (ok, o, e) = run(&mut cmd);
+        (ok, format!("{o}{e}"))
+    };
+    let (ok, report) = fleet(&copies);
+    assert!(ok, "{report}");
+    assert_eq!(
+        report.matches("digest(s) signed by key").count(),
+        2,
+        "{report}"
+    );
+    // One instance's copy rewritten (chain recomputed): that one fails,
+    // the other still verifies, and the exit status says so.
+    let changed = rewrite_with_chain(&copies[1], "from b, round 1", "from b, round 9");
+    let (ok, report) = fleet(&copies);
+    assert!(!ok, "{report}");
+    assert_eq!(report.matches("FAILED").count(), 1, "{report}");
+    assert!(report.contains(&changed.display().to_string()), "{report}");
+    for d in dirs.iter().chain(&copies).chain([&out, &keys]) {
+        let _ = std::fs::remove_dir_all(d);
+    }
+}
