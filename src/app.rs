@@ -277,8 +277,9 @@ pub async fn build(
     let peers =
         PeerPolicy::from_allow_list(crate::peer::own_uid()?, &config.start.allow_local_users)?;
     let audit = Arc::new(crate::audit::Auditor::start(config.start.audit.clone())?);
-    audit.start_digests(&sdk).await?;
-    audit.start_shipping(&sdk);
+    let audit_sdk = audit.aws_config(&sdk).await;
+    audit.start_digests(&audit_sdk).await?;
+    audit.start_shipping(&audit_sdk);
     let identity = IdentityService::new(&sdk, config.start.identity.clone());
     let (phase_tx, phase) = watch::channel(Phase::Running);
     let workers = crate::workers::SessionWorkers::start(config.start.worker_threads)

@@ -640,6 +640,15 @@ pub struct AuditArgs {
     )]
     pub kinesis_stream: Option<String>,
 
+    /// Reach the digests' KMS key, S3 and Kinesis as this role, assumed
+    /// with the proxy's credentials [default: the proxy's credentials].
+    #[arg(
+        long = "audit-role-arn",
+        env = "RDS_IAM_PROXY_AUDIT_ROLE_ARN",
+        value_name = "ARN"
+    )]
+    pub role_arn: Option<String>,
+
     /// This proxy's name in the shipped layout and the partition key
     /// [default: the host name].
     #[arg(

@@ -186,10 +186,12 @@ fn digests_signed_with_a_kms_key() {
     );
     let arn = String::from_utf8(out.stdout).unwrap().trim().to_owned();
     let dir = unique_temp_path("rdsiam-digest-kms");
+    let role = "arn:aws:iam::111122223333:role/audit-writer";
     let mut proxy = Proxy::builder(bed, &home)
         .arg("--audit-mode", "async")
         .arg("--audit-dir", &dir)
         .arg("--audit-sign-key", format!("kms:{arn}"))
+        .arg("--audit-role-arn", role)
         .start();
     run_session(&proxy, &["select 'signed by kms'"]);
     proxy.signal("TERM");
@@ -205,6 +207,15 @@ fn digests_signed_with_a_kms_key() {
     std::fs::copy(&public, &copy).unwrap();
     let (ok, out) = verify(&dir, Some(&copy));
     assert!(ok, "{out}\n{}", proxy.log());
+    // KMS was asked as the audit role, assumed by the proxy for the audit.
+    let (status, moto) =
+        support::bed::http_json(&bed.info.moto_url, "GET", "/moto-api/data.json", None);
+    assert_eq!(status, 200);
+    let assumed = moto["sts"]["AssumedRole"].to_string();
+    assert!(
+        assumed.contains("audit-writer/rds-iam-proxy-audit"),
+        "no session of the audit role in moto: {assumed}"
+    );
     let digests = rds_iam_proxy::audit::digest::digest_files(&dir).unwrap();
     assert!(digests.len() >= 2, "start and stop: {digests:?}");
     // A key that is not the signer's is refused.

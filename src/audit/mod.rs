@@ -75,6 +75,9 @@ pub struct AuditConfig {
     pub digest_interval: Duration,
     /// Shipping off the host ([`ship`]): sinks, layout, spool bound.
     pub ship: ship::ShipConfig,
+    /// A role the digests' KMS key and the sinks are reached as, assumed
+    /// with the proxy's credentials [default: the proxy's credentials].
+    pub role_arn: Option<String>,
 }
 
 /// Where the digest signing key is: `file:PATH` (a P-256 PKCS#8 PEM) or
@@ -119,6 +122,7 @@ impl Default for AuditConfig {
             sign_key: None,
             digest_interval: Duration::from_secs(15 * 60),
             ship: ship::ShipConfig::default(),
+            role_arn: None,
         }
     }
 }
@@ -242,6 +246,25 @@ impl Auditor {
             d.ship_closed = Some(tx);
             d.ship_tasks = tasks;
         }
+    }
+
+    /// The AWS configuration the audit's own calls (KMS Sign, S3, Kinesis)
+    /// use: the proxy's, or with `role_arn` a role assumed from it, so
+    /// that write access to the audit store need not be the proxy's.
+    pub async fn aws_config(&self, sdk: &aws_config::SdkConfig) -> aws_config::SdkConfig {
+        let Some(arn) = &self.config.role_arn else {
+            return sdk.clone();
+        };
+        let provider = aws_config::sts::AssumeRoleProvider::builder(arn)
+            .session_name("rds-iam-proxy-audit")
+            .configure(sdk)
+            .build()
+            .await;
+        sdk.to_builder()
+            .credentials_provider(
+                aws_credential_types::provider::SharedCredentialsProvider::new(provider),
+            )
+            .build()
     }
 
     /// Starts signing digests of the trail, if a key is configured: the

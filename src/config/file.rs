@@ -57,6 +57,7 @@ pub struct AuditFile {
     pub kinesis_stream: Option<String>,
     pub instance_id: Option<String>,
     pub spool_max: Option<u64>,
+    pub role_arn: Option<String>,
     pub queue: Option<usize>,
     pub allow_password_changes: Option<bool>,
 }
@@ -192,6 +193,7 @@ impl Config {
                 kinesis_stream: a.ship.kinesis_stream.clone(),
                 instance_id: Some(a.ship.instance_id.clone()),
                 spool_max: Some(a.ship.spool_max_bytes >> 20),
+                role_arn: a.role_arn.clone(),
             }),
             allow_remote_clients: start.allow_remote_clients.then_some(true),
             gateway: start.gateway.as_ref().map(crate::gateway::config::to_file),

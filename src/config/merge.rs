@@ -527,6 +527,11 @@ fn merge_audit(
         sign_key,
         digest_interval: digest_interval.max(Duration::from_secs(1)),
         ship,
+        role_arn: pick(
+            given("role_arn"),
+            a.role_arn.clone(),
+            t.role_arn.clone().map(Some),
+        ),
         queue_capacity: pick(given("queue"), a.queue, t.queue).max(16),
     })
 }
