@@ -122,8 +122,8 @@ pub enum StartError {
     ClientTls(TlsSetupError),
     #[error("upstream CA bundle: {0}")]
     UpstreamCa(TlsSetupError),
-    // A #[from] error is the source, which `{:#}` prints after the
-    // message: the message does not repeat it.
+    // A #[from] error is the source, which error::chain_text prints
+    // after the message.
     #[error("local CA")]
     LocalCa(#[from] crate::local_ca::LocalCaError),
     #[error(

@@ -473,3 +473,39 @@ mod tests {
         assert!(m.message.contains("\"bob\"") && m.message.contains("\"arianna\""));
     }
 }
+
+/// An error and its causes on one line, for a person at a terminal: each
+/// cause after the first is added unless the text so far already says it
+/// (many messages carry their cause's text, `cannot read X: <io error>`,
+/// and the chain would print it twice).
+pub fn chain_text(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        let text = c.to_string();
+        if !out.contains(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        cause = c.source();
+    }
+    out
+}
+
+#[cfg(test)]
+mod chain_tests {
+    #[test]
+    fn a_cause_already_in_the_message_is_not_repeated() {
+        let io = std::io::Error::new(std::io::ErrorKind::NotFound, "No such file or directory");
+        let e = crate::audit::verify::VerifyError::Read {
+            file: "/tmp/x".into(),
+            source: io,
+        };
+        let any = anyhow::Error::from(e).context("checking the trail");
+        let text = super::chain_text(any.as_ref());
+        assert_eq!(
+            text,
+            "checking the trail: cannot read /tmp/x: No such file or directory"
+        );
+    }
+}

@@ -15,7 +15,10 @@ fn main() -> std::process::ExitCode {
     match real_main() {
         Ok(code) => std::process::ExitCode::from(code),
         Err(e) => {
-            eprintln!("rds-iam-proxy: {e:#}");
+            eprintln!(
+                "rds-iam-proxy: {}",
+                rds_iam_proxy::error::chain_text(e.as_ref())
+            );
             std::process::ExitCode::FAILURE
         }
     }

@@ -25,7 +25,7 @@ pub fn run(command: AuditCommand) -> anyhow::Result<()> {
                 for d in dirs {
                     println!("{}:", d.display());
                     if let Err(e) = verify_trail(vec![d.clone()], key.as_deref()) {
-                        println!("  FAILED: {e:#}");
+                        println!("  FAILED: {}", crate::error::chain_text(e.as_ref()));
                         failed += 1;
                     }
                 }
