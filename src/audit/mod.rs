@@ -9,15 +9,19 @@
 //! - [`writer`]: the writer thread: queue, hash chain, rotation, fsync.
 //! - [`redact`]: PostgreSQL's parser (libpg_query) for the guard, statement
 //!   splitting and password redaction.
-//! - [`verify`]: `rds-iam-proxy audit verify`.
+//! - [`verify`]: `rds-iam-proxy audit verify`; [`chain`] the hash chain
+//!   it checks, record by record.
+//! - [`search`]: `rds-iam-proxy audit search` and `audit tail`.
 //! - [`limits`]: the memory and parser threads all sessions share.
 
+pub mod chain;
 pub mod event;
 pub mod functions;
 pub mod limits;
 pub mod model;
 pub mod record;
 pub mod redact;
+pub mod search;
 pub mod tap;
 pub mod verify;
 pub mod writer;
