@@ -234,11 +234,18 @@ pub struct Registry {
     open: Mutex<BTreeMap<u64, Arc<LiveSession>>>,
     refusals: Mutex<VecDeque<Refusal>>,
     /// Cumulative (sessions started, statements) at the last sample of
-    /// each minute, oldest first.
-    samples: Mutex<VecDeque<(u64, u64, u64)>>,
+    /// each minute, oldest first, and the counts before the oldest (zero
+    /// until samples older than the hour are dropped).
+    samples: Mutex<Samples>,
     sessions_started: AtomicU64,
     /// Statements of sessions that have ended.
     statements_ended: AtomicU64,
+}
+
+#[derive(Debug, Default)]
+struct Samples {
+    minutes: VecDeque<(u64, u64, u64)>,
+    before: (u64, u64),
 }
 
 /// Keeps a session listed while it lives.
@@ -304,22 +311,25 @@ impl Registry {
         let sessions = self.sessions_started.load(Relaxed);
         let minute = unix_ms(now) / 60_000;
         let mut s = lock(&self.samples);
-        match s.back_mut() {
+        match s.minutes.back_mut() {
             Some(last) if last.0 == minute => *last = (minute, sessions, statements),
-            _ => s.push_back((minute, sessions, statements)),
+            _ => s.minutes.push_back((minute, sessions, statements)),
         }
         while s
+            .minutes
             .front()
             .is_some_and(|f| f.0 + HISTORY_MINUTES + 1 <= minute)
         {
-            s.pop_front();
+            if let Some((_, sessions, statements)) = s.minutes.pop_front() {
+                s.before = (sessions, statements);
+            }
         }
     }
 
     /// New sessions and statements in each of the last
-    /// [`HISTORY_MINUTES`] minutes up to `now`'s, oldest first; minutes
-    /// before the first sample count zero. A minute with no sample of its
-    /// own shares its counts with the next sampled minute.
+    /// [`HISTORY_MINUTES`] minutes up to `now`'s, oldest first. Counts
+    /// since the previous sample go to the minute of the sample that saw
+    /// them (the first sample's, since start).
     pub fn history(&self, now: SystemTime) -> Vec<Minute> {
         let this = unix_ms(now) / 60_000;
         let first = this + 1 - HISTORY_MINUTES;
@@ -331,17 +341,14 @@ impl Registry {
                 statements: 0,
             })
             .collect();
-        let mut before: Option<(u64, u64)> = None;
-        for &(minute, sessions, statements) in s.iter() {
-            if let Some((b_sessions, b_statements)) = before
-                && minute >= first
-                && minute <= this
-            {
+        let (mut b_sessions, mut b_statements) = s.before;
+        for &(minute, sessions, statements) in s.minutes.iter() {
+            if minute >= first && minute <= this {
                 let m = &mut out[(minute - first) as usize];
                 m.sessions = sessions.saturating_sub(b_sessions);
                 m.statements = statements.saturating_sub(b_statements);
             }
-            before = Some((sessions, statements));
+            (b_sessions, b_statements) = (sessions, statements);
         }
         out
     }
@@ -439,6 +446,11 @@ mod tests {
         let last = hist.last().unwrap();
         assert_eq!((last.sessions, last.statements), (1, 2));
         assert!(hist[..hist.len() - 1].iter().all(|m| m.statements == 0));
+        // Samples older than the hour go; what they counted stays out.
+        let later = t0 + Duration::from_secs(3 * 3600);
+        r.sample(later);
+        let hist = r.history(later);
+        assert!(hist.iter().all(|m| m.statements == 0 && m.sessions == 0));
     }
 
     #[test]

@@ -49,7 +49,7 @@ pub fn bars(title: &str, minutes: &[Minute], pick: impl Fn(&Minute) -> u64) -> S
     if let (Some(first), Some(last)) = (minutes.first(), minutes.last()) {
         let _ = write!(
             s,
-            r#"<text x="0" y="{H}" class="axis">{}</text><text x="{W}" y="{H}" text-anchor="end" class="axis">{} UTC</text><text x="{W}" y="11" text-anchor="end" class="axis">max {max}</text>"#,
+            r#"<text x="0" y="{H}" class="axis">{}</text><text x="{W}" y="{H}" text-anchor="end" class="axis">{} UTC</text><text x="2" y="11" class="axis">max {max}</text>"#,
             hhmm(first.minute),
             hhmm(last.minute)
         );
