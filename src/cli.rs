@@ -569,8 +569,11 @@ pub struct ProxyArgs {
     #[arg(long, env = "RDS_IAM_PROXY_MAX_SIGTERM_DELAY", value_name = "DURATION", default_value = "20s", value_parser = parse_duration)]
     pub max_sigterm_delay: Duration,
 
-    /// Serve /startup, /liveness, /readiness and /metrics over HTTP on this
-    /// address (a bare port means 127.0.0.1:PORT) [default: off].
+    /// Serve the status page (/ and /sessions: who is connected, refused
+    /// logins, credential expiry) and /startup, /liveness, /readiness and
+    /// /metrics over HTTP on this address (a bare port means
+    /// 127.0.0.1:PORT; keep it on loopback: the page names people and
+    /// their addresses) [default: off].
     #[arg(long, env = "RDS_IAM_PROXY_ADMIN_LISTEN", value_name = "ADDR|PORT")]
     pub admin_listen: Option<String>,
 

@@ -318,7 +318,7 @@ impl Registry {
         while s
             .minutes
             .front()
-            .is_some_and(|f| f.0 + HISTORY_MINUTES + 1 <= minute)
+            .is_some_and(|f| f.0 + HISTORY_MINUTES < minute)
         {
             if let Some((_, sessions, statements)) = s.minutes.pop_front() {
                 s.before = (sessions, statements);

@@ -285,8 +285,12 @@ pub fn elapsed(t: SystemTime, now: SystemTime) -> Duration {
 /// open a TLS session per endpoint every few seconds.
 #[derive(Debug, Default)]
 pub struct Reachability {
-    last: Mutex<HashMap<String, (Instant, SystemTime, Result<Duration, String>)>>,
+    last: Mutex<HashMap<String, Checked>>,
 }
+
+/// One endpoint's last check: when (monotonic and wall clock), and its
+/// result.
+type Checked = (Instant, SystemTime, Result<Duration, String>);
 
 impl Reachability {
     async fn check(&self, ep: &EndpointContext) -> (Result<Duration, String>, SystemTime) {
