@@ -159,8 +159,9 @@ pub struct Search {
     pub chain: Chain,
     instance: Arc<str>,
     sessions: IdMap<Seen>,
-    /// Rows waiting for their outcome, by (conn, n, part).
-    pending: HashMap<(u64, u64, u64), Row>,
+    /// Rows waiting for their outcome, by (conn, n, part): looked up for
+    /// every outcome record while any is waiting.
+    pending: HashMap<(u64, u64, u64), Row, BuildHasherDefault<IdHasher>>,
     /// Finished rows (outcome known, or never to come), in the order they
     /// finished.
     pub done: Vec<Row>,
@@ -184,7 +185,7 @@ impl Search {
             chain: Chain::default(),
             instance: Arc::from("?"),
             sessions: IdMap::default(),
-            pending: HashMap::new(),
+            pending: HashMap::default(),
             done: Vec::new(),
             breaks: Vec::new(),
             bytes: 0,
