@@ -13,8 +13,10 @@ STAMP="$VENV/.requirements.sha256"
 # libpam0g-dev: headers for testbed/pam_rdsiam.c; gcc builds it; libclang-dev
 # for bindgen in the pg_query crate (the audit log's SQL parser); openssl and
 # postgresql client/server are the bed itself; python3-venv for the venv;
-# iproute2 and util-linux (unshare) put the tests in a network namespace.
-DEB_PACKAGES=(libpam0g-dev gcc libc6-dev libclang-dev openssl python3 python3-venv postgresql-15 postgresql-client-15 iproute2 util-linux)
+# iproute2 and util-linux (unshare) put the tests in a network namespace;
+# chromium and chromium-driver are the real browser the status page's test
+# drives (testbed/tests/test_status_page.py, through selenium).
+DEB_PACKAGES=(libpam0g-dev gcc libc6-dev libclang-dev openssl python3 python3-venv postgresql-15 postgresql-client-15 iproute2 util-linux chromium chromium-driver)
 
 missing=()
 for pkg in "${DEB_PACKAGES[@]}"; do

@@ -1,7 +1,8 @@
 //! The admin HTTP listener: `/startup`, `/liveness`, `/readiness`,
-//! `/metrics`. A small HTTP/1.1 responder for four GET paths: one request
-//! per connection, bounded request size, a deadline for the whole
-//! exchange, a cap on concurrent admin connections.
+//! `/metrics`, and the status page (`/`, `/sessions`: [`crate::status`]).
+//! A small HTTP/1.1 responder for a few GET paths: one request per
+//! connection, bounded request size, a deadline for the whole exchange, a
+//! cap on concurrent admin connections.
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -24,11 +25,25 @@ const MAX_ADMIN_CONNECTIONS: usize = 16;
 pub const NEAR_EXPIRY: Duration = Duration::from_secs(120);
 /// Bound on each readiness check that may go to the network.
 const CHECK_TIMEOUT: Duration = Duration::from_secs(5);
+/// How often the status page's per-minute history is sampled.
+const SAMPLE_EVERY: Duration = Duration::from_secs(10);
 
 /// Serves until the process exits.
 pub async fn serve(listener: TcpListener, app: Arc<AppContext>, eps: Vec<Arc<EndpointContext>>) {
     let permits = Arc::new(Semaphore::new(MAX_ADMIN_CONNECTIONS));
     let eps = Arc::new(eps);
+    let reach = Arc::new(crate::status::Reachability::default());
+    // The last hour's chart needs a sample in every minute, whether or
+    // not anyone looks.
+    tokio::spawn({
+        let app = app.clone();
+        async move {
+            loop {
+                app.sessions.sample(SystemTime::now());
+                tokio::time::sleep(SAMPLE_EVERY).await;
+            }
+        }
+    });
     let mut backoff = Duration::from_millis(5);
     loop {
         let Ok(permit) = permits.clone().acquire_owned().await else {
@@ -37,10 +52,11 @@ pub async fn serve(listener: TcpListener, app: Arc<AppContext>, eps: Vec<Arc<End
         match listener.accept().await {
             Ok((sock, _)) => {
                 backoff = Duration::from_millis(5);
-                let (app, eps) = (app.clone(), eps.clone());
+                let (app, eps, reach) = (app.clone(), eps.clone(), reach.clone());
                 tokio::spawn(async move {
                     let _ =
-                        tokio::time::timeout(EXCHANGE_TIMEOUT, exchange(sock, &app, &eps)).await;
+                        tokio::time::timeout(EXCHANGE_TIMEOUT, exchange(sock, &app, &eps, &reach))
+                            .await;
                     drop(permit);
                 });
             }
@@ -53,7 +69,12 @@ pub async fn serve(listener: TcpListener, app: Arc<AppContext>, eps: Vec<Arc<End
     }
 }
 
-async fn exchange(mut sock: TcpStream, app: &AppContext, eps: &[Arc<EndpointContext>]) {
+async fn exchange(
+    mut sock: TcpStream,
+    app: &AppContext,
+    eps: &[Arc<EndpointContext>],
+    reach: &crate::status::Reachability,
+) {
     let mut buf = vec![0u8; MAX_REQUEST];
     let mut len = 0;
     let head_end = loop {
@@ -72,7 +93,7 @@ async fn exchange(mut sock: TcpStream, app: &AppContext, eps: &[Arc<EndpointCont
     let head = String::from_utf8_lossy(&buf[..head_end]);
     let mut parts = head.lines().next().unwrap_or("").split(' ');
     let (method, target) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
-    let path = target.split('?').next().unwrap_or("");
+    let (path, query) = target.split_once('?').unwrap_or((target, ""));
     let head_only = method == "HEAD";
     if method != "GET" && !head_only {
         let _ = respond(&mut sock, 405, "text/plain", "only GET\n", false).await;
@@ -119,10 +140,23 @@ async fn exchange(mut sock: TcpStream, app: &AppContext, eps: &[Arc<EndpointCont
             );
             (200, "text/plain; version=0.0.4; charset=utf-8", page)
         }
+        "/" | "/sessions" => {
+            let view = crate::status::View::from_query(query);
+            let st = crate::status::gather(app, eps, reach, view).await;
+            if path == "/" {
+                (
+                    200,
+                    "text/html; charset=utf-8",
+                    crate::status::html::page(&st, view),
+                )
+            } else {
+                (200, "application/json", crate::status::json::document(&st))
+            }
+        }
         _ => (
             404,
             "text/plain",
-            "not found: try /startup, /liveness, /readiness or /metrics\n".into(),
+            "not found: try /, /sessions, /startup, /liveness, /readiness or /metrics\n".into(),
         ),
     };
     let _ = respond(&mut sock, status, ctype, &body, head_only).await;
@@ -149,7 +183,7 @@ async fn respond(
         _ => "Service Unavailable",
     };
     let mut out = format!(
-        "HTTP/1.1 {status} {reason}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nCache-Control: no-store\r\nConnection: close\r\n\r\n",
+        "HTTP/1.1 {status} {reason}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nCache-Control: no-store\r\nX-Content-Type-Options: nosniff\r\nContent-Security-Policy: default-src 'none'; style-src 'unsafe-inline'; frame-ancestors 'none'\r\nConnection: close\r\n\r\n",
         body.len()
     );
     if !head_only {

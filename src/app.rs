@@ -76,6 +76,9 @@ pub struct AppContext {
     /// Gateway mode: each client proves who they are; `None` for the
     /// local proxy, which acts for its own identity.
     pub gateway: Option<Arc<crate::gateway::Gateway>>,
+    /// Open sessions, recent refusals and the last hour, for the status
+    /// page.
+    pub sessions: crate::sessions::Registry,
     next_id: AtomicU64,
 }
 
@@ -296,6 +299,7 @@ pub async fn build(
         tasks: TaskTracker::new(),
         workers,
         gateway,
+        sessions: Default::default(),
         started: AtomicBool::new(false),
         next_id: AtomicU64::new(0),
     });
@@ -348,7 +352,7 @@ impl Server {
                     })?;
                 let addr = l.local_addr().ok();
                 if !listen.ip().is_loopback() {
-                    warn!(admin = %listen, "the admin listener is not on loopback: anyone who can reach it sees metrics");
+                    warn!(admin = %listen, "the admin listener is not on loopback: anyone who can reach it sees the metrics and the status page (who is connected, from where)");
                 }
                 // Not "listening on": that phrase announces client listeners.
                 info!("admin HTTP on {}", addr.unwrap_or(listen));

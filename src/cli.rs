@@ -249,6 +249,87 @@ pub enum AuditCommand {
         #[arg(long, value_name = "PEM")]
         public_key: Option<PathBuf>,
     },
+    /// Find statements: who ran what, where, when and how it ended. Reads
+    /// every file of the directory in order, rotated and live, and checks
+    /// the hash chain as it goes (a break is reported on stderr and the
+    /// exit status is 1; the search goes on).
+    Search(AuditSearchArgs),
+    /// Follow the live audit file, like tail -f: each statement once its
+    /// outcome is written (or its session ends), checking the chain.
+    /// Stops at Ctrl-C.
+    Tail(AuditTailArgs),
+}
+
+/// Which statements `audit search` and `audit tail` show.
+#[derive(Debug, Clone, Args)]
+pub struct AuditFilterArgs {
+    /// The proxy's audit directory (--audit-dir of the proxy).
+    #[arg(long, value_name = "DIR")]
+    pub audit_dir: PathBuf,
+
+    /// Only this person's sessions (the IdP / Identity Center user name).
+    #[arg(long, value_name = "PERSON")]
+    pub person: Option<String>,
+
+    /// Only sessions as this database user.
+    #[arg(long, value_name = "USER")]
+    pub db_user: Option<String>,
+
+    /// Only sessions on this database.
+    #[arg(long, value_name = "NAME")]
+    pub database: Option<String>,
+
+    /// Only statements whose text contains TEXT (case-sensitive).
+    #[arg(long, value_name = "TEXT")]
+    pub grep: Option<String>,
+
+    /// Only statements that ended this way.
+    #[arg(long, value_enum)]
+    pub outcome: Option<crate::audit::search::OutcomeKind>,
+
+    /// table (aligned columns: time, person, database, outcome, duration,
+    /// statement) or json (one object per line) [default: table on a
+    /// terminal, else json].
+    #[arg(long, value_enum)]
+    pub format: Option<AuditFormat>,
+}
+
+/// How `audit search` and `audit tail` print.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum AuditFormat {
+    Table,
+    Json,
+}
+
+/// `rds-iam-proxy audit search`.
+#[derive(Debug, Clone, Args)]
+pub struct AuditSearchArgs {
+    #[command(flatten)]
+    pub filter: AuditFilterArgs,
+
+    /// Only the last DURATION (15m, 1h, 7d) [default: everything].
+    #[arg(long, value_name = "DURATION", conflicts_with_all = ["from", "to"])]
+    pub since: Option<String>,
+
+    /// Statements from this time (2026-12-07T09:00:00Z, or a duration
+    /// ago: 24h).
+    #[arg(long, value_name = "WHEN")]
+    pub from: Option<String>,
+
+    /// Statements before this time [default: now].
+    #[arg(long, value_name = "WHEN")]
+    pub to: Option<String>,
+}
+
+/// `rds-iam-proxy audit tail`.
+#[derive(Debug, Clone, Args)]
+pub struct AuditTailArgs {
+    #[command(flatten)]
+    pub filter: AuditFilterArgs,
+
+    /// How often the file is looked at for new records.
+    #[arg(long, default_value = "250ms", value_parser = parse_duration, value_name = "DURATION")]
+    pub poll_interval: Duration,
 }
 
 /// AWS identity options shared by the proxy and the subcommands.
@@ -496,8 +577,11 @@ pub struct ProxyArgs {
     #[arg(long, env = "RDS_IAM_PROXY_MAX_SIGTERM_DELAY", value_name = "DURATION", default_value = "20s", value_parser = parse_duration)]
     pub max_sigterm_delay: Duration,
 
-    /// Serve /startup, /liveness, /readiness and /metrics over HTTP on this
-    /// address (a bare port means 127.0.0.1:PORT) [default: off].
+    /// Serve the status page (/ and /sessions: who is connected, refused
+    /// logins, credential expiry) and /startup, /liveness, /readiness and
+    /// /metrics over HTTP on this address (a bare port means
+    /// 127.0.0.1:PORT; keep it on loopback: the page names people and
+    /// their addresses) [default: off].
     #[arg(long, env = "RDS_IAM_PROXY_ADMIN_LISTEN", value_name = "ADDR|PORT")]
     pub admin_listen: Option<String>,
 

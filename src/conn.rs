@@ -289,6 +289,19 @@ async fn run(
             return;
         }
         ctx.metrics.connection("session");
+        // Listed on the status page until the session ends.
+        let listed = ctx.sessions.open(crate::sessions::SessionInfo {
+            conn: id,
+            endpoint: ep.name.clone(),
+            person: identity.user_name.clone(),
+            db_user: user.clone(),
+            database: database.clone(),
+            application_name: startup.param("application_name").unwrap_or("").to_owned(),
+            client_addr: peer.addr.clone(),
+            client_tls: stream.tls_summary(),
+            started: std::time::SystemTime::now(),
+        });
+        let counters = &listed.session.counters;
         info!(
             person = %identity.user_name,
             upstream = %addr,
@@ -320,9 +333,12 @@ async fn run(
                 match tap.as_mut() {
                     // Audit or the password guard: the inspecting pump.
                     Some(tap) => {
-                        crate::gate::forward_tapped(&mut stream, &mut watched, tap, &stop).await
+                        crate::gate::forward_tapped(&mut stream, &mut watched, tap, &stop, counters)
+                            .await
                     }
-                    None => crate::forward::forward(&mut stream, &mut watched, &stop).await,
+                    None => {
+                        crate::forward::forward(&mut stream, &mut watched, &stop, counters).await
+                    }
                 }
             });
             let why = tokio::select! {
@@ -666,6 +682,24 @@ async fn refuse(
     match &message {
         Some(m) => warn!(error = %error, sqlstate = %m.code, "connection refused"),
         None => info!(error = %error, "connection closed during the handshake"),
+    }
+    if let Some(m) = &message {
+        let (_, peer, user_db) = who;
+        ctx.sessions.refused(crate::sessions::Refusal {
+            time: std::time::SystemTime::now(),
+            client_addr: peer.addr.clone(),
+            db_user: user_db.map(|(u, _)| u.to_owned()),
+            database: user_db.map(|(_, d)| d.to_owned()),
+            person: match &error {
+                ConnError::Identity(crate::identity::IdentityError::NotYourUser {
+                    person, ..
+                }) => Some(person.clone()),
+                _ => None,
+            },
+            reason: crate::metrics::refusal_reason(&error),
+            sqlstate: m.code.to_string(),
+            message: m.message.to_string(),
+        });
     }
     if let Some(m) = &message {
         let (id, peer, user_db) = who;

@@ -17,6 +17,7 @@ use thiserror::Error;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 use crate::pg::frame::{FrameError, MAX_CLIENT_MESSAGE, Scanner};
+use crate::sessions::{Counters, Tracker};
 
 /// Per-direction buffer once a session moves bulk data: one full TLS
 /// record.
@@ -317,6 +318,7 @@ pub async fn forward<C, U>(
     client: &mut C,
     upstream: &mut U,
     stop: &Stop,
+    live: &Counters,
 ) -> Result<(Traffic, Ending), (Traffic, ForwardError)>
 where
     C: AsyncRead + AsyncWrite + Unpin + ?Sized,
@@ -331,9 +333,10 @@ where
     let mut messages = 0u64;
     let mut terminated = false;
     let mut stopped = false;
+    let mut tracker = Tracker::default();
 
     let result = poll_fn(|cx| {
-        loop {
+        let r = 'poll: loop {
             let stopping = stop.requested();
             if stopping {
                 up.cap = Some(scanner.to_boundary());
@@ -344,6 +347,7 @@ where
                 let inspect = |chunk: &[u8]| {
                     scanner.feed(chunk, |h| {
                         messages += 1;
+                        tracker.client(h.tag);
                         if h.tag == b'X' {
                             terminated = true;
                         }
@@ -356,8 +360,9 @@ where
                     Pin::new(&mut *upstream),
                     Side::Client,
                     inspect,
-                ) {
-                    r?;
+                ) && let Err(e) = r
+                {
+                    break 'poll Poll::Ready(Err(e));
                 }
             }
             if !down.done
@@ -367,17 +372,21 @@ where
                     Pin::new(&mut *client),
                     Side::Upstream,
                     |chunk| {
-                        server.feed(chunk, |_| {}).map_err(server_protocol)?;
+                        tracker.server_chunk(chunk);
+                        server
+                            .feed_peek(chunk, |h, body| tracker.server_header(h, body))
+                            .map_err(server_protocol)?;
                         Ok(server.partial())
                     },
                 )
+                && let Err(e) = r
             {
-                r?;
+                break 'poll Poll::Ready(Err(e));
             }
             // The server's side ending ends the session; the client's side
             // ending waits for the server to finish answering.
             if down.done {
-                return Poll::Ready(Ok(()));
+                break 'poll Poll::Ready(Ok(()));
             }
             if stopping {
                 let client_quiet = up.done || up.whole();
@@ -385,7 +394,7 @@ where
                 stop.note_client_whole(client_whole);
                 if client_quiet && client_whole {
                     stopped = true;
-                    return Poll::Ready(Ok(()));
+                    break 'poll Poll::Ready(Ok(()));
                 }
                 // Bytes moved under a cap: take the cap afresh. (A pipe whose
                 // cap is 0 returns at once, which is no progress.)
@@ -393,8 +402,11 @@ where
                     continue;
                 }
             }
-            return Poll::Pending;
-        }
+            break 'poll Poll::Pending;
+        };
+        // Once per wake-up, not per message.
+        tracker.publish(live, up.bytes, down.bytes);
+        r
     })
     .await;
 
@@ -461,7 +473,13 @@ mod tests {
         let (mut client, mut proxy_client) = tokio::io::duplex(64);
         let (mut proxy_up, mut server) = tokio::io::duplex(64);
         let task = tokio::spawn(async move {
-            forward(&mut proxy_client, &mut proxy_up, &Stop::default()).await
+            forward(
+                &mut proxy_client,
+                &mut proxy_up,
+                &Stop::default(),
+                &Counters::default(),
+            )
+            .await
         });
 
         let query = msg(b'Q', b"select 1\0");
@@ -504,7 +522,15 @@ mod tests {
         let stop = std::sync::Arc::new(Stop::default());
         let task = tokio::spawn({
             let stop = stop.clone();
-            async move { forward(&mut proxy_client, &mut proxy_up, &stop).await }
+            async move {
+                forward(
+                    &mut proxy_client,
+                    &mut proxy_up,
+                    &stop,
+                    &Counters::default(),
+                )
+                .await
+            }
         });
         let long = format!("select '{}'\0", "q".repeat(3000));
         let first = msg(b'Q', long.as_bytes());
@@ -549,6 +575,7 @@ mod tests {
         let (mut client, mut proxy_client) = tokio::io::duplex(1024);
         let (mut proxy_up, mut server) = tokio::io::duplex(1024);
         let stop = Stop::default();
+        let counters = Counters::default();
         let query = msg(b'Q', b"select 1\0");
         let row = msg(b'D', b"\0\x01\0\0\0\x03abc");
         let mut sent = row.clone();
@@ -556,7 +583,8 @@ mod tests {
         server.write_all(&sent).await.unwrap();
         client.write_all(&query[..7]).await.unwrap();
         let ending = {
-            let mut pump = std::pin::pin!(forward(&mut proxy_client, &mut proxy_up, &stop));
+            let mut pump =
+                std::pin::pin!(forward(&mut proxy_client, &mut proxy_up, &stop, &counters));
             let idle = tokio::time::timeout(std::time::Duration::from_millis(100), &mut pump).await;
             assert!(idle.is_err(), "the pump ended by itself");
             stop.request();
@@ -603,9 +631,14 @@ mod tests {
             let stop = Stop::default();
             server.write_all(&sent).await.unwrap();
             drop(server);
-            let (_, got_ending) = forward(&mut proxy_client, &mut proxy_up, &stop)
-                .await
-                .unwrap();
+            let (_, got_ending) = forward(
+                &mut proxy_client,
+                &mut proxy_up,
+                &stop,
+                &Counters::default(),
+            )
+            .await
+            .unwrap();
             assert_eq!(got_ending, ending);
             assert!(stop.client_whole());
             drop(proxy_client);
@@ -621,7 +654,8 @@ mod tests {
         let (mut client, mut proxy_client) = tokio::io::duplex(1024);
         let (mut proxy_up, mut server) = tokio::io::duplex(1024);
         let stop = Stop::default();
-        let mut pump = std::pin::pin!(forward(&mut proxy_client, &mut proxy_up, &stop));
+        let counters = Counters::default();
+        let mut pump = std::pin::pin!(forward(&mut proxy_client, &mut proxy_up, &stop, &counters));
         client.write_all(&msg(b'Q', b"select 1\0")).await.unwrap();
         let idle = tokio::time::timeout(std::time::Duration::from_millis(100), &mut pump).await;
         assert!(idle.is_err(), "the pump ended by itself");
@@ -641,7 +675,13 @@ mod tests {
         let (mut client, mut proxy_client) = tokio::io::duplex(64);
         let (mut proxy_up, mut server) = tokio::io::duplex(64);
         let task = tokio::spawn(async move {
-            forward(&mut proxy_client, &mut proxy_up, &Stop::default()).await
+            forward(
+                &mut proxy_client,
+                &mut proxy_up,
+                &Stop::default(),
+                &Counters::default(),
+            )
+            .await
         });
         client.write_all(&[b'Q', 0, 0, 0, 1]).await.unwrap();
         let (_, err) = task.await.unwrap().unwrap_err();

@@ -35,6 +35,7 @@ use crate::audit::{Auditor, SessionTap};
 use crate::forward::{Ending, ForwardError, Pipe, Side, Stop, Traffic, server_protocol};
 use crate::pg::frame::{HEADER_LEN, Header, MAX_CLIENT_MESSAGE, parse_header};
 use crate::pg::messages::Capture;
+use crate::sessions::{Counters, Tracker};
 
 use crate::forward::{BUF_SIZE, START_BUF_SIZE};
 /// Longest Query or Parse the gate holds; longer ones are refused.
@@ -88,6 +89,8 @@ struct Gate {
     bytes: u64,
     messages: u64,
     terminated: bool,
+    /// The session's live numbers for the status page.
+    tracker: Tracker,
 }
 
 /// A Flush message: sent upstream when a message is held, so the server
@@ -118,6 +121,7 @@ impl Gate {
             bytes: 0,
             messages: 0,
             terminated: false,
+            tracker: Tracker::default(),
         }
     }
 
@@ -171,6 +175,7 @@ impl Gate {
         }
         self.messages += 1;
         if need == 0 {
+            self.tracker.client(h.tag);
             if h.tag == b'X' {
                 self.terminated = true;
             }
@@ -183,6 +188,7 @@ impl Gate {
             self.messages -= 1;
         } else {
             self.hold_flushed = false;
+            self.tracker.client(h.tag);
         }
         self.apply(verdict, h.tag, frame_len)?;
         Ok(None)
@@ -193,6 +199,7 @@ impl Gate {
     /// raised in place), and its bytes are dropped as they arrive.
     fn refuse_long(&mut self, tap: &mut SessionTap, tag: u8, frame_len: usize, why: Refusal) {
         self.messages += 1;
+        self.tracker.client(tag);
         let here = &self.buf[self.cleared..self.end];
         let prefix = &here[HEADER_LEN.min(here.len())..];
         tap.refuse_long(tag, prefix, frame_len, why, &mut self.inject);
@@ -437,6 +444,7 @@ pub async fn forward_tapped<C, U>(
     upstream: &mut U,
     tap: &mut SessionTap,
     stop: &Stop,
+    live: &Counters,
 ) -> Result<(Traffic, Ending), (Traffic, ForwardError)>
 where
     C: AsyncRead + AsyncWrite + Unpin + ?Sized,
@@ -449,7 +457,7 @@ where
 
     let mut stopped = false;
     let result = poll_fn(|cx| {
-        loop {
+        let r = 'poll: loop {
             let stopping = stop.requested();
             if stopping {
                 up.stopping = true;
@@ -459,15 +467,24 @@ where
             if !up.done
                 && let Poll::Ready(r) =
                     up.poll_pump(cx, Pin::new(&mut *client), Pin::new(&mut *upstream), tap)
+                && let Err(e) = r
             {
-                r?;
+                break 'poll Poll::Ready(Err(e));
             }
             let mut answered = false;
             if !down.done {
+                let tracker = &mut up.tracker;
                 let inspect = |chunk: &[u8]| {
                     answered = true;
                     capture
-                        .feed(chunk, server_wanted, |t, b| tap.server_message(t, b))
+                        .feed(chunk, server_wanted, |t, b| {
+                            if t == b'Z'
+                                && let Some(&status) = b.first()
+                            {
+                                tracker.ready(status);
+                            }
+                            tap.server_message(t, b)
+                        })
                         .map_err(server_protocol)?;
                     Ok(capture.scanner().partial())
                 };
@@ -477,19 +494,20 @@ where
                     Pin::new(&mut *client),
                     Side::Upstream,
                     inspect,
-                ) {
-                    r?;
+                ) && let Err(e) = r
+                {
+                    break 'poll Poll::Ready(Err(e));
                 }
             }
             if down.done {
-                return Poll::Ready(Ok(()));
+                break 'poll Poll::Ready(Ok(()));
             }
             if stopping {
                 let client_quiet = up.done || up.between_messages();
                 stop.note_client_whole(down.whole());
                 if client_quiet && down.whole() {
                     stopped = true;
-                    return Poll::Ready(Ok(()));
+                    break 'poll Poll::Ready(Ok(()));
                 }
                 // Bytes moved under a cap: take the cap afresh.
                 if (up.bytes, down.bytes, up.done) != before {
@@ -501,8 +519,11 @@ where
                 up.held = false;
                 continue;
             }
-            return Poll::Pending;
-        }
+            break 'poll Poll::Pending;
+        };
+        // Once per wake-up, not per message.
+        up.tracker.publish(live, up.bytes, down.bytes);
+        r
     })
     .await;
 
@@ -630,8 +651,14 @@ mod tests {
         let (mut proxy_up, server) = tokio::io::duplex(size);
         let task = tokio::spawn(async move {
             let mut tap = SessionTap::new(1, auditor);
-            let r =
-                forward_tapped(&mut proxy_client, &mut proxy_up, &mut tap, &Stop::default()).await;
+            let r = forward_tapped(
+                &mut proxy_client,
+                &mut proxy_up,
+                &mut tap,
+                &Stop::default(),
+                &Counters::default(),
+            )
+            .await;
             (r, tap.refused)
         });
         (client, server, task)
@@ -673,7 +700,14 @@ mod tests {
             let stop = stop.clone();
             async move {
                 let mut tap = SessionTap::new(1, auditor(HOLD_BUDGET));
-                forward_tapped(&mut proxy_client, &mut proxy_up, &mut tap, &stop).await
+                forward_tapped(
+                    &mut proxy_client,
+                    &mut proxy_up,
+                    &mut tap,
+                    &stop,
+                    &Counters::default(),
+                )
+                .await
             }
         });
         let first = q("select 1");

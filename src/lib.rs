@@ -31,6 +31,8 @@
 //!
 //! Running it like infrastructure: [`config`] (flags > environment > TOML
 //! file), [`metrics`] and [`admin`] (health and Prometheus over HTTP),
+//! [`sessions`] (the open sessions, refusals and last hour that
+//! [`status`] shows on the admin listener's page),
 //! [`activity`] (idle timeout), [`systemd`] (readiness notification),
 //! [`log_text`] (text log lines a client cannot forge), [`throttle`]
 //! (log lines a stranger can cause, at a bounded rate);
@@ -68,7 +70,9 @@ pub mod peer;
 pub mod pg;
 pub mod reloadable;
 pub mod secret;
+pub mod sessions;
 pub mod sigv4;
+pub mod status;
 pub mod stream;
 pub mod systemd;
 pub mod throttle;

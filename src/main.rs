@@ -66,8 +66,7 @@ fn real_main() -> anyhow::Result<u8> {
         return match command {
             Command::Audit(c) => {
                 init_tracing(cli.proxy.log_format, "warn");
-                rds_iam_proxy::commands::audit::run(c)?;
-                Ok(0)
+                rds_iam_proxy::commands::audit::run(c)
             }
             Command::Token(args) => {
                 init_tracing(cli.proxy.log_format, "info");

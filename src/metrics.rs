@@ -311,6 +311,12 @@ pub fn outcome(e: &ConnError) -> &'static str {
     }
 }
 
+/// Why a connection was refused, as one label: the reason of
+/// `auth_failures_total` when there is one, else the outcome.
+pub fn refusal_reason(e: &ConnError) -> &'static str {
+    auth_reason(e).unwrap_or_else(|| outcome(e))
+}
+
 fn auth_reason(e: &ConnError) -> Option<&'static str> {
     Some(match e {
         ConnError::Identity(i) => identity_reason(i),

@@ -665,3 +665,137 @@ fn function_calls_are_named() {
     drop(proxy);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// `audit search` and `audit tail` over a real session's trail: the
+/// person's statements with their outcomes, the error alone with
+/// `--outcome error`, none for someone else, the table on request; tail
+/// prints a statement run after it started, with its outcome; a changed
+/// record makes the search say where and exit 1.
+#[test]
+fn audit_search_and_tail_find_a_persons_statements() {
+    let Some((bed, home)) = sso_setup(
+        "audit_search_and_tail_find_a_persons_statements",
+        "aud_find",
+    ) else {
+        return;
+    };
+    let dir = unique_temp_path("rdsiam-audit-search");
+    let proxy = audited(bed, &home, "sync", &dir);
+    let (ok, _, err) = run(proxy.psql("aud_find", "").args([
+        "-c",
+        "select 'needle' as first",
+        "-c",
+        "select nosuchcolumn",
+    ]));
+    assert!(!ok && err.contains("nosuchcolumn"), "{err}");
+    wait_record(&dir, |r| r["type"] == "session_end");
+
+    let search = |extra: &[&str]| {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_rds-iam-proxy"));
+        cmd.args(["audit", "search", "--audit-dir"])
+            .arg(&dir)
+            .args(extra);
+        let out = cmd.output().unwrap();
+        let rows: Vec<Value> = String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter(|l| l.starts_with('{'))
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        (
+            out.status.code(),
+            rows,
+            out.stdout,
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (code, rows, _, err) = search(&["--person", "aud_find", "--since", "1h"]);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(err.contains("chain intact"), "{err}");
+    let texts: Vec<&str> = rows
+        .iter()
+        .map(|r| r["statement"].as_str().unwrap())
+        .collect();
+    assert_eq!(texts, ["select 'needle' as first", "select nosuchcolumn"]);
+    assert_eq!(rows[0]["outcome"], "ok");
+    assert_eq!(rows[0]["command_tag"], "SELECT 1");
+    assert_eq!(rows[0]["database"], "mylab");
+    assert!(rows[0]["duration_ms"].as_f64().unwrap() >= 0.0);
+    assert_eq!(rows[1]["outcome"], "error");
+    assert_eq!(rows[1]["sqlstate"], "42703");
+
+    let (_, errors, _, _) = search(&["--person", "aud_find", "--outcome", "error"]);
+    assert_eq!(errors.len(), 1);
+    let (_, grep, _, _) = search(&["--grep", "needle"]);
+    assert_eq!(grep.len(), 1);
+    let (_, nobody, _, _) = search(&["--person", "someone-else"]);
+    assert!(nobody.is_empty());
+    let (_, _, table, _) = search(&["--person", "aud_find", "--format", "table"]);
+    let table = String::from_utf8_lossy(&table);
+    assert!(table.starts_with("TIME (UTC)"), "{table}");
+    assert!(
+        table.contains("ERROR 42703") && table.contains("select nosuchcolumn"),
+        "{table}"
+    );
+
+    // tail: only what is written after it starts.
+    let mut tail = Command::new(env!("CARGO_BIN_EXE_rds-iam-proxy"))
+        .args([
+            "audit",
+            "tail",
+            "--format",
+            "json",
+            "--person",
+            "aud_find",
+            "--audit-dir",
+        ])
+        .arg(&dir)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stdout = tail.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+        {
+            let _ = tx.send(line);
+        }
+    });
+    // Until tail has caught up, statements might be read as old ones:
+    // keep running one until tail prints it.
+    let deadline = Instant::now() + DEADLINE;
+    let got = loop {
+        let (ok, _, err) = run(proxy.psql("aud_find", "").args(["-c", "select 'tailed'"]));
+        assert!(ok, "{err}");
+        if let Ok(line) = rx.recv_timeout(Duration::from_secs(2)) {
+            break line;
+        }
+        assert!(Instant::now() < deadline, "audit tail printed nothing");
+    };
+    let _ = tail.kill();
+    let _ = tail.wait();
+    let row: Value = serde_json::from_str(&got).unwrap();
+    assert_eq!(row["statement"], "select 'tailed'");
+    assert_eq!(row["person"], "aud_find");
+    assert_eq!(row["outcome"], "ok");
+    drop(proxy);
+
+    // A changed record: reported with its place, exit status 1.
+    let (file, text) = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .map(|p| (p.clone(), std::fs::read_to_string(p).unwrap()))
+        .find(|(_, t)| t.contains("needle"))
+        .unwrap();
+    std::fs::write(&file, text.replacen("needle", "nEEdle", 1)).unwrap();
+    let (code, rows, _, err) = search(&["--person", "aud_find"]);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(
+        err.contains("audit chain broken at") && err.contains("was changed"),
+        "{err}"
+    );
+    assert!(rows.len() >= 2, "the search goes on past the break");
+}

@@ -32,7 +32,11 @@ async fn main() {
     let per_file = 20_000;
     let mut bytes = 0u64;
     for f in 0..total.div_ceil(per_file) {
-        let path = dir.join(format!("audit-20270101T{:06}000000-{:08}.jsonl", f, f * per_file + 1));
+        let path = dir.join(format!(
+            "audit-20270101T{:06}000000-{:08}.jsonl",
+            f,
+            f * per_file + 1
+        ));
         let mut w = std::io::BufWriter::new(std::fs::File::create(&path).unwrap());
         for i in f * per_file..((f + 1) * per_file).min(total) {
             let line = format!(
@@ -64,11 +68,18 @@ async fn main() {
     );
 
     let stats = Arc::new(SinkStats::default());
-    let mut k = KinesisShipper::new(&dir, &config, aws_sdk_kinesis::Client::new(&sdk), stats.clone());
+    let mut k = KinesisShipper::new(
+        &dir,
+        &config,
+        aws_sdk_kinesis::Client::new(&sdk),
+        stats.clone(),
+    );
     let (cpu, wall) = (cpu_seconds(), Instant::now());
     while !k.pass().await {}
     let (cpu, wall) = (cpu_seconds() - cpu, wall.elapsed().as_secs_f64());
-    let shipped = stats.shipped_items.load(std::sync::atomic::Ordering::Relaxed);
+    let shipped = stats
+        .shipped_items
+        .load(std::sync::atomic::Ordering::Relaxed);
     println!(
         "kinesis: {shipped} records in {wall:.1} s wall, {cpu:.2} s CPU: {:.0} records per CPU second ({:.0} per wall second with the endpoint)",
         shipped as f64 / cpu.max(0.01),
@@ -76,13 +87,24 @@ async fn main() {
     );
 
     let stats = Arc::new(SinkStats::default());
-    let conf = aws_sdk_s3::config::Builder::from(&sdk).force_path_style(true).build();
-    let mut s = S3Shipper::new(&dir, config, aws_sdk_s3::Client::from_conf(conf), stats.clone());
+    let conf = aws_sdk_s3::config::Builder::from(&sdk)
+        .force_path_style(true)
+        .build();
+    let mut s = S3Shipper::new(
+        &dir,
+        config,
+        aws_sdk_s3::Client::from_conf(conf),
+        stats.clone(),
+    );
     let (cpu, wall) = (cpu_seconds(), Instant::now());
     while !s.pass(false).await {}
     let (cpu, wall) = (cpu_seconds() - cpu, wall.elapsed().as_secs_f64());
-    let objects = stats.shipped_items.load(std::sync::atomic::Ordering::Relaxed);
-    let shipped_bytes = stats.shipped_bytes.load(std::sync::atomic::Ordering::Relaxed);
+    let objects = stats
+        .shipped_items
+        .load(std::sync::atomic::Ordering::Relaxed);
+    let shipped_bytes = stats
+        .shipped_bytes
+        .load(std::sync::atomic::Ordering::Relaxed);
     println!(
         "s3: {objects} objects, {:.1} MB in {wall:.1} s wall, {cpu:.2} s CPU: {:.0} records per CPU second ({:.0} MB/s per CPU second)",
         shipped_bytes as f64 / 1e6,

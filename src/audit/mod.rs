@@ -9,9 +9,12 @@
 //! - [`writer`]: the writer thread: queue, hash chain, rotation, fsync.
 //! - [`redact`]: PostgreSQL's parser (libpg_query) for the guard, statement
 //!   splitting and password redaction.
-//! - [`verify`]: `rds-iam-proxy audit verify`.
+//! - [`verify`]: `rds-iam-proxy audit verify`; [`chain`] the hash chain
+//!   it checks, record by record.
+//! - [`search`]: `rds-iam-proxy audit search` and `audit tail`.
 //! - [`limits`]: the memory and parser threads all sessions share.
 
+pub mod chain;
 pub mod digest;
 pub mod event;
 pub mod functions;
@@ -19,6 +22,7 @@ pub mod limits;
 pub mod model;
 pub mod record;
 pub mod redact;
+pub mod search;
 pub mod ship;
 pub mod tap;
 pub mod verify;

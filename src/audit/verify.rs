@@ -12,10 +12,6 @@ use std::fmt;
 use std::io::{self, BufRead, BufReader};
 use std::path::{Path, PathBuf};
 
-use sha2::{Digest, Sha256};
-
-use super::event::hex;
-
 /// Where the chain broke.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Break {
@@ -55,47 +51,25 @@ pub enum VerifyError {
     Empty,
 }
 
-/// The `seq` of a record line, if it starts the way every record does.
-pub fn seq_of(line: &[u8]) -> Option<u64> {
-    let rest = line.strip_prefix(b"{\"seq\":")?;
-    let end = rest.iter().position(|b| !b.is_ascii_digit())?;
-    std::str::from_utf8(&rest[..end]).ok()?.parse().ok()
-}
-
-fn prev_of(line: &[u8]) -> Option<[u8; 32]> {
-    let at = line.windows(9).position(|w| w == b",\"prev\":\"")? + 9;
-    let h = line.get(at..at + 64)?;
-    let mut out = [0; 32];
-    for (i, pair) in h.chunks(2).enumerate() {
-        let s = std::str::from_utf8(pair).ok()?;
-        out[i] = u8::from_str_radix(s, 16).ok()?;
-    }
-    Some(out)
-}
+use super::chain::Chain;
+pub use super::chain::seq_of;
 
 /// Walks `files` in the order given (oldest first) as one chain.
 pub fn verify(files: &[PathBuf]) -> Result<Summary, VerifyError> {
-    let mut last: Option<(u64, [u8; 32])> = None;
-    let mut first_seq = None;
-    let mut records = 0u64;
+    let mut chain = Chain::default();
     for file in files {
-        walk(file, &mut last, &mut first_seq, &mut records)?;
+        walk(file, &mut chain)?;
     }
-    let (last_seq, head) = last.ok_or(VerifyError::Empty)?;
+    let (last_seq, head) = chain.head().ok_or(VerifyError::Empty)?;
     Ok(Summary {
-        records,
-        first_seq: first_seq.unwrap_or(0),
+        records: chain.records,
+        first_seq: chain.first_seq.unwrap_or(0),
         last_seq,
-        head: hex(&head),
+        head,
     })
 }
 
-fn walk(
-    file: &Path,
-    last: &mut Option<(u64, [u8; 32])>,
-    first_seq: &mut Option<u64>,
-    records: &mut u64,
-) -> Result<(), VerifyError> {
+fn walk(file: &Path, chain: &mut Chain) -> Result<(), VerifyError> {
     let read = |source| VerifyError::Read {
         file: file.to_owned(),
         source,
@@ -123,56 +97,15 @@ fn walk(
                 "record is truncated (no end of line): a torn write or a cut file".into(),
             ));
         }
-        let (Some(seq), Some(prev)) = (seq_of(&buf), prev_of(&buf)) else {
-            return Err(broken(None, "not an audit record (no seq/prev)".into()));
-        };
-        if buf.last() != Some(&b'}') {
-            return Err(broken(Some(seq), "record is cut short".into()));
-        }
-        if let Some((last_seq, last_hash)) = *last {
-            if seq <= last_seq {
-                return Err(broken(
-                    Some(seq),
-                    format!("out of order: follows seq {last_seq}"),
-                ));
-            }
-            if seq != last_seq + 1 {
-                return Err(broken(
-                    Some(seq),
-                    format!(
-                        "records deleted: seq {}..={} missing",
-                        last_seq + 1,
-                        seq - 1
-                    ),
-                ));
-            }
-            if prev != last_hash {
-                return Err(broken(
-                    Some(seq),
-                    format!(
-                        "the previous record (seq {last_seq}) was changed: its hash does not match this record's prev"
-                    ),
-                ));
-            }
-        } else {
-            *first_seq = Some(seq);
-        }
-        *last = Some((seq, Sha256::digest(&buf).into()));
-        *records += 1;
+        chain
+            .check(&buf)
+            .map_err(|link| broken(link.seq, link.problem))?;
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn reads_seq_and_prev() {
-        let line = format!("{{\"seq\":42,\"prev\":\"{}\",\"v\":1}}", "ab".repeat(32));
-        assert_eq!(seq_of(line.as_bytes()), Some(42));
-        assert_eq!(prev_of(line.as_bytes()), Some([0xab; 32]));
-        assert_eq!(seq_of(b"{\"seq\":x"), None);
-    }
 
     fn write_log(dir: &Path, events: usize, rotate_bytes: u64) -> Vec<PathBuf> {
         use crate::audit::event::{Event, SessionEnd};

@@ -25,7 +25,7 @@ pub async fn run(command: DasCommand) -> anyhow::Result<u8> {
 
 /// `2026-12-07T09:00:00Z`, `2026-12-07 09:00:00+00`, or a duration ago
 /// (`15m`).
-fn when(flag: &str, v: &str) -> anyhow::Result<SystemTime> {
+pub(crate) fn when(flag: &str, v: &str) -> anyhow::Result<SystemTime> {
     if let Some(t) = parse_time(v) {
         return Ok(t);
     }

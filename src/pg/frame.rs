@@ -200,6 +200,26 @@ impl Scanner {
         Ok(())
     }
 
+    /// Like [`Scanner::feed`], also handing `on_header` the part of the
+    /// message's body that follows its header in this chunk (possibly
+    /// empty): enough to read a short message such as ReadyForQuery
+    /// without buffering.
+    pub fn feed_peek(
+        &mut self,
+        mut chunk: &[u8],
+        mut on_header: impl FnMut(Header, &[u8]),
+    ) -> Result<(), FrameError> {
+        while !chunk.is_empty() {
+            if self.remaining > 0 {
+                let n = self.take_body(chunk.len());
+                chunk = &chunk[n..];
+            } else if let Some(header) = self.take_header(&mut chunk)? {
+                on_header(header, &chunk[..header.body_len().min(chunk.len())]);
+            }
+        }
+        Ok(())
+    }
+
     /// Between bodies: takes header bytes from the front of `chunk`
     /// (advancing it) and, once the header is whole, starts its message
     /// and returns the header.
@@ -287,6 +307,25 @@ mod tests {
             }
             assert_eq!(tags, b"PBES", "chunk size {chunk_size}");
             assert!(scanner.at_boundary());
+        }
+    }
+
+    /// The peeked body is the message's own bytes, cut at the chunk's end.
+    #[test]
+    fn peek_sees_the_body_in_the_same_chunk() {
+        let mut stream = msg(b'C', b"SELECT 1\0");
+        stream.extend(msg(b'Z', b"T"));
+        for chunk_size in 1..=stream.len() {
+            let mut scanner = Scanner::new(MAX_CLIENT_MESSAGE);
+            let mut seen = Vec::new();
+            for chunk in stream.chunks(chunk_size) {
+                scanner
+                    .feed_peek(chunk, |h, body| seen.push((h.tag, body.to_vec())))
+                    .unwrap();
+            }
+            assert_eq!(seen.len(), 2);
+            assert!(b"SELECT 1\0".starts_with(&seen[0].1));
+            assert!(b"T".starts_with(&seen[1].1), "chunk size {chunk_size}");
         }
     }
 
