@@ -35,6 +35,30 @@ fn openssl(args: &[&str]) {
     );
 }
 
+/// A P-256 key pair made with openssl, as an operator would: the private
+/// key (PKCS#8 PEM) at `key`, its public half at `key` + `.pub`.
+fn p256_key_pair(key: &Path) -> PathBuf {
+    openssl(&[
+        "genpkey",
+        "-algorithm",
+        "EC",
+        "-pkeyopt",
+        "ec_paramgen_curve:P-256",
+        "-out",
+        key.to_str().unwrap(),
+    ]);
+    let public = key.with_extension("pub");
+    openssl(&[
+        "pkey",
+        "-in",
+        key.to_str().unwrap(),
+        "-pubout",
+        "-out",
+        public.to_str().unwrap(),
+    ]);
+    public
+}
+
 /// Rewrites one record's text and recomputes every `prev` after it: the
 /// chain verifies, as an attacker with write access would leave it.
 fn rewrite_with_chain(dir: &Path, needle: &str, replacement: &str) -> PathBuf {
@@ -80,24 +104,7 @@ fn digests_signed_with_a_key_file_catch_a_rewrite_the_chain_hides() {
     let keys = unique_temp_path("rdsiam-digest-keys");
     std::fs::create_dir_all(&keys).unwrap();
     let key = keys.join("digest.pem");
-    let public = keys.join("digest.pub.pem");
-    openssl(&[
-        "genpkey",
-        "-algorithm",
-        "EC",
-        "-pkeyopt",
-        "ec_paramgen_curve:P-256",
-        "-out",
-        key.to_str().unwrap(),
-    ]);
-    openssl(&[
-        "pkey",
-        "-in",
-        key.to_str().unwrap(),
-        "-pubout",
-        "-out",
-        public.to_str().unwrap(),
-    ]);
+    let public = p256_key_pair(&key);
     let dir = unique_temp_path("rdsiam-digest-audit");
     let mut proxy = Proxy::builder(bed, &home)
         .arg("--audit-mode", "sync")
@@ -222,24 +229,7 @@ fn digests_signed_with_a_kms_key() {
     let keys = unique_temp_path("rdsiam-other-key");
     std::fs::create_dir_all(&keys).unwrap();
     let other = keys.join("o.pem");
-    openssl(&[
-        "genpkey",
-        "-algorithm",
-        "EC",
-        "-pkeyopt",
-        "ec_paramgen_curve:P-256",
-        "-out",
-        other.to_str().unwrap(),
-    ]);
-    let other_pub = keys.join("o.pub");
-    openssl(&[
-        "pkey",
-        "-in",
-        other.to_str().unwrap(),
-        "-pubout",
-        "-out",
-        other_pub.to_str().unwrap(),
-    ]);
+    let other_pub = p256_key_pair(&other);
     let (ok, out) = verify(&dir, Some(&other_pub));
     assert!(
         !ok && out.contains("does not verify with the given key"),
@@ -296,15 +286,7 @@ fn ships_to_s3_under_object_lock_and_to_kinesis_through_an_outage_and_a_kill() {
     let keys = unique_temp_path("rdsiam-ship-keys");
     std::fs::create_dir_all(&keys).unwrap();
     let key = keys.join("k.pem");
-    openssl(&[
-        "genpkey",
-        "-algorithm",
-        "EC",
-        "-pkeyopt",
-        "ec_paramgen_curve:P-256",
-        "-out",
-        key.to_str().unwrap(),
-    ]);
+    let public = p256_key_pair(&key);
     let start = || {
         Proxy::builder(bed, &home)
             .arg("--audit-mode", "sync")
@@ -433,15 +415,6 @@ fn ships_to_s3_under_object_lock_and_to_kinesis_through_an_outage_and_a_kill() {
     for e in walk(&shipped_dir) {
         std::fs::copy(&e, flat.join(e.file_name().unwrap())).unwrap();
     }
-    let public = keys.join("k.pub");
-    openssl(&[
-        "pkey",
-        "-in",
-        key.to_str().unwrap(),
-        "-pubout",
-        "-out",
-        public.to_str().unwrap(),
-    ]);
     let (ok, report) = verify(&flat, Some(&public));
     assert!(ok, "{report}");
 
@@ -489,24 +462,7 @@ fn two_instances_ship_at_once_and_verify_independently() {
     let keys = unique_temp_path("rdsiam-fleet-keys");
     std::fs::create_dir_all(&keys).unwrap();
     let key = keys.join("k.pem");
-    let public = keys.join("k.pub");
-    openssl(&[
-        "genpkey",
-        "-algorithm",
-        "EC",
-        "-pkeyopt",
-        "ec_paramgen_curve:P-256",
-        "-out",
-        key.to_str().unwrap(),
-    ]);
-    openssl(&[
-        "pkey",
-        "-in",
-        key.to_str().unwrap(),
-        "-pubout",
-        "-out",
-        public.to_str().unwrap(),
-    ]);
+    let public = p256_key_pair(&key);
     let start = |id: &str, dir: &Path| {
         Proxy::builder(bed, &home)
             .arg("--audit-mode", "async")
