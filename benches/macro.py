@@ -242,7 +242,7 @@ class Bench:
             subprocess.run(cmd, shell=True, check=True,
                            env={**self.clean_env(), "PATH": os.environ["PATH"], "MOTO_URL": i["moto_url"]})
         for name in targets:
-            if name.startswith("proxy-audit-"):
+            if name in ("proxy-audit-async", "proxy-audit-sync"):
                 d = self.work / f"audit-{name.rsplit('-', 1)[1]}"
                 records = sum(1 for f in d.glob("*.jsonl") for _ in f.open())
                 verify = subprocess.run([str(PROXY), "audit", "verify", str(d)], capture_output=True, text=True)
