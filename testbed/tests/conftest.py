@@ -15,12 +15,12 @@ BED_PY = os.path.join(REPO, "testbed", "bed.py")
 
 
 @contextlib.contextmanager
-def running_bed():
-    """A bed.py process until the block ends: yields its ready line (JSON),
-    fails the test if it is not ready within 60 s, and stops it with EOF on
-    its stdin (its stop signal)."""
+def running_bed(*options):
+    """A bed.py process (`bed.py run OPTIONS...`) until the block ends:
+    yields its ready line (JSON), fails the test if it is not ready within
+    60 s, and stops it with EOF on its stdin (its stop signal)."""
     proc = subprocess.Popen(
-        [sys.executable, BED_PY, "run"],
+        [sys.executable, BED_PY, "run", *options],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
     lines = queue.Queue()

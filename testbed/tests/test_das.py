@@ -10,15 +10,12 @@ Encryption SDK, not with the emulator's own code.
 """
 
 import base64
-import contextlib
 import gzip
 import json
 import os
-import queue
 import re
 import subprocess
 import sys
-import threading
 import time
 import urllib.error
 import urllib.request
@@ -33,39 +30,17 @@ sys.path.insert(0, TESTBED)
 import das  # noqa: E402
 import das_fixtures  # noqa: E402
 import das_reference  # noqa: E402
+from conftest import running_bed  # noqa: E402
 
 FIXTURES = os.path.join(REPO, "tests", "fixtures", "das")
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="the test bed needs root to install a PAM service")
-
-
-@contextlib.contextmanager
-def das_bed():
-    """bed.py run --das until the block ends (EOF on its stdin stops it)."""
-    proc = subprocess.Popen(
-        [sys.executable, os.path.join(TESTBED, "bed.py"), "run", "--das"],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )
-    lines = queue.Queue()
-    threading.Thread(target=lambda: lines.put(proc.stdout.readline()), daemon=True).start()
-    try:
-        line = lines.get(timeout=60)
-    except queue.Empty:
-        line = ""
-    if not line:
-        proc.kill()
-        pytest.fail(f"bed did not start:\n{proc.stderr.read()}")
-    try:
-        yield json.loads(line)
-    finally:
-        proc.stdin.close()
-        proc.wait(30)
 
 
 @pytest.fixture(scope="module")
 def bed():
     if os.geteuid() != 0:
         pytest.skip("the test bed needs root to install a PAM service in /etc/pam.d")
-    with das_bed() as info:
+    with running_bed("--das") as info:
         yield info
     assert not os.path.exists(info["state_dir"]), "bed left its state directory behind"
 
