@@ -48,17 +48,9 @@ impl Config {
             Some(p) => format!("{key} in {}", p.display()),
             None => key.to_owned(),
         };
-        let duration =
-            |flag: &str, flag_value: Duration, file_value: &Option<String>| match file_value {
-                Some(v) if !given(flag) => {
-                    parse_duration(v).map_err(|problem| ConfigError::BadValue {
-                        key: fk(flag),
-                        value: v.clone(),
-                        problem,
-                    })
-                }
-                _ => Ok(flag_value),
-            };
+        let duration = |flag: &str, flag_value: Duration, file_value: &Option<String>| {
+            pick_duration(given(flag), flag_value, file_value.as_ref(), &|| fk(flag))
+        };
         let handshake_timeout = duration(
             "handshake_timeout",
             cli.handshake_timeout,
@@ -455,26 +447,22 @@ fn merge_audit(
         }
         _ => a.mode,
     };
-    let rotate_age = match (&t.rotate_age, given("rotate_age")) {
-        (Some(v), false) => parse_duration(v).map_err(|problem| ConfigError::BadValue {
-            key: fk("audit.rotate_age"),
-            value: v.clone(),
-            problem,
-        })?,
-        _ => a.rotate_age,
-    };
+    let rotate_age = pick_duration(
+        given("rotate_age"),
+        a.rotate_age,
+        t.rotate_age.as_ref(),
+        &|| fk("audit.rotate_age"),
+    )?;
     let dir = pick(given("dir"), a.dir.clone(), t.dir.clone().map(Some));
     if mode != crate::audit::Mode::Off && dir.is_none() {
         return Err(ConfigError::NoAuditDir);
     }
-    let digest_interval = match (&t.digest_interval, given("digest_interval")) {
-        (Some(v), false) => parse_duration(v).map_err(|problem| ConfigError::BadValue {
-            key: fk("audit.digest_interval"),
-            value: v.clone(),
-            problem,
-        })?,
-        _ => a.digest_interval,
-    };
+    let digest_interval = pick_duration(
+        given("digest_interval"),
+        a.digest_interval,
+        t.digest_interval.as_ref(),
+        &|| fk("audit.digest_interval"),
+    )?;
     let sign_key = match (&a.sign_key, &t.sign_key) {
         (Some(v), _) if given("sign_key") => Some(("--audit-sign-key".to_owned(), v)),
         (_, Some(v)) => Some((fk("audit.sign_key"), v)),
@@ -611,14 +599,12 @@ fn merge_ship(
         )?),
         _ => a.s3_lock_mode,
     };
-    let retention = match (&t.s3_retention, given("s3_retention")) {
-        (Some(v), false) => parse_duration(v).map_err(|problem| ConfigError::BadValue {
-            key: fk("audit.s3_retention"),
-            value: v.clone(),
-            problem,
-        })?,
-        _ => a.s3_retention,
-    };
+    let retention = pick_duration(
+        given("s3_retention"),
+        a.s3_retention,
+        t.s3_retention.as_ref(),
+        &|| fk("audit.s3_retention"),
+    )?;
     let mut prefix = pick(given("s3_prefix"), a.s3_prefix.clone(), t.s3_prefix.clone());
     if !prefix.is_empty() && !prefix.ends_with('/') {
         prefix.push('/');

@@ -296,6 +296,27 @@ pub(crate) fn pick<T>(flag_given: bool, flag: T, file: Option<T>) -> T {
     }
 }
 
+/// [`pick`] for a duration the file writes as text (`"30s"`): a file value
+/// that does not parse is an error naming `key` (`audit.rotate_age in
+/// FILE`), unless the flag was given.
+pub(crate) fn pick_duration(
+    flag_given: bool,
+    flag: Duration,
+    file: Option<&String>,
+    key: &dyn Fn() -> String,
+) -> Result<Duration, ConfigError> {
+    match file {
+        Some(v) if !flag_given => {
+            crate::cli::parse_duration(v).map_err(|problem| ConfigError::BadValue {
+                key: key(),
+                value: v.clone(),
+                problem,
+            })
+        }
+        _ => Ok(flag),
+    }
+}
+
 /// The endpoint name (lowercase) and port of an `--upstream` value.
 pub fn parse_upstream(value: &str) -> Result<(String, u16), ConfigError> {
     let (host, port) = split_host_port(value, DEFAULT_PORT)

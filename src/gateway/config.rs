@@ -8,7 +8,7 @@ use clap::Args;
 use serde::Deserialize;
 
 use crate::cli::parse_duration;
-use crate::config::{ConfigError, Given, pick};
+use crate::config::{ConfigError, Given, pick, pick_duration};
 
 /// Roles trusted when none are given: IAM Identity Center permission
 /// sets, whose trust policy admits federation alone, so that the session
@@ -281,16 +281,12 @@ pub fn merge(
             problem,
         })?;
     }
-    let sts_timeout = match f.sts_timeout {
-        Some(v) if !given("sts_timeout") => {
-            parse_duration(&v).map_err(|problem| ConfigError::BadValue {
-                key: fk("sts_timeout"),
-                value: v.clone(),
-                problem,
-            })?
-        }
-        _ => cli.sts_timeout,
-    };
+    let sts_timeout = pick_duration(
+        given("sts_timeout"),
+        cli.sts_timeout,
+        f.sts_timeout.as_ref(),
+        &|| fk("sts_timeout"),
+    )?;
     let max_sessions_per_person = pick(
         given("max_sessions_per_person"),
         cli.max_sessions_per_person,
