@@ -579,3 +579,37 @@ fn the_documented_audit_table_loads() {
     );
     assert_eq!(load(&[], Some(&c.render())).unwrap(), c);
 }
+
+#[test]
+fn a_duration_in_the_file_that_does_not_parse_names_its_key() {
+    for (table, key) in [
+        ("", "handshake_timeout"),
+        ("[audit]\nmode = \"async\"\ndir = \"/a\"\n", "rotate_age"),
+        (
+            "[audit]\nmode = \"async\"\ndir = \"/a\"\n",
+            "digest_interval",
+        ),
+        ("[audit]\nmode = \"async\"\ndir = \"/a\"\n", "s3_retention"),
+    ] {
+        let toml = format!("{table}{key} = \"soon\"\n");
+        let e = load(&["--upstream", "db.x"], Some(&toml))
+            .unwrap_err()
+            .to_string();
+        let name = if table.is_empty() {
+            key.to_owned()
+        } else {
+            format!("audit.{key}")
+        };
+        assert!(
+            e.starts_with(&format!("{name} in /etc/p.toml \"soon\"")),
+            "{e}"
+        );
+    }
+    // A flag given wins, and the file's text is not read.
+    let c = load(
+        &["--upstream", "db.x", "--handshake-timeout", "7s"],
+        Some("handshake_timeout = \"soon\"\n"),
+    )
+    .unwrap();
+    assert_eq!(c.live.handshake_timeout, Duration::from_secs(7));
+}
