@@ -350,17 +350,7 @@ fn reconcile_accounts_for_every_session_and_reports_bad_records() {
     );
 
     // A direct login with the master user's password: not through the proxy.
-    let out = bed
-        .psql(&bed.info.master_user, &bed.info.master_password)
-        .args(["-c", "select 42 as direct"])
-        .stdin(Stdio::null())
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    bed.admin_sql("select 42 as direct");
     // Bad records among the good ones.
     for kind in ["tamper", "wrong-context", "unknown-version", "not-json"] {
         control(&bed, "POST", "/_bed/das-bad", Some(&json!({"kind": kind})));
