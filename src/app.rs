@@ -125,9 +125,7 @@ pub enum StartError {
     ClientTls(TlsSetupError),
     #[error("upstream CA bundle: {0}")]
     UpstreamCa(TlsSetupError),
-    // A #[from] error is the source, which error::chain_text prints
-    // after the message.
-    #[error("local CA")]
+    #[error("local CA: {0}")]
     LocalCa(#[from] crate::local_ca::LocalCaError),
     #[error(
         "no AWS region: the endpoint name does not contain one and the AWS configuration sets none; pass --region"
@@ -135,9 +133,9 @@ pub enum StartError {
     NoRegion,
     #[error(transparent)]
     Peer(#[from] PeerError),
-    #[error("audit log")]
+    #[error("audit log: {0}")]
     Audit(#[from] crate::audit::WriterError),
-    #[error("audit digests")]
+    #[error("audit digests: {0}")]
     Digests(#[from] crate::audit::digest::DigestError),
     #[error("STS for gateway proofs: {0}")]
     StsTls(TlsSetupError),

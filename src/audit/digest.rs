@@ -89,12 +89,16 @@ impl SigningKey {
     /// A PKCS#8 PEM file holding a P-256 private key.
     pub fn from_file(path: &Path) -> Result<Self, DigestError> {
         use rustls_pki_types::pem::PemObject as _;
-        let key = rustls_pki_types::PrivatePkcs8KeyDer::from_pem_file(path).map_err(|e| {
-            DigestError::KeyFile {
-                path: path.to_owned(),
-                message: e.to_string(),
-            }
-        })?;
+        let key =
+            rustls_pki_types::PrivatePkcs8KeyDer::from_pem_file(path).map_err(|e| match e {
+                rustls_pki_types::pem::Error::Io(io) => DigestError::KeyFile {
+                    path: path.to_owned(),
+                    message: io.to_string(),
+                },
+                // No `PRIVATE KEY` block (an `EC PRIVATE KEY` is SEC 1, not
+                // PKCS#8), or not PEM at all.
+                _ => DigestError::KeyType(path.display().to_string()),
+            })?;
         let pair = EcdsaKeyPair::from_pkcs8(
             &signature::ECDSA_P256_SHA256_ASN1_SIGNING,
             key.secret_pkcs8_der(),
@@ -727,6 +731,21 @@ mod tests {
             .build()
             .unwrap()
             .block_on(f)
+    }
+
+    #[test]
+    fn a_key_file_that_cannot_sign_says_how_to_make_one() {
+        let dir = std::env::temp_dir().join(format!("rip-digest-key-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let junk = dir.join("junk.pem");
+        std::fs::write(&junk, "not a key\n").unwrap();
+        let e = SigningKey::from_file(&junk).unwrap_err().to_string();
+        assert!(e.contains("openssl genpkey -algorithm EC"), "{e}");
+        let e = SigningKey::from_file(&dir.join("missing.pem"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.starts_with("cannot read the signing key"), "{e}");
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]
