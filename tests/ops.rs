@@ -430,7 +430,8 @@ async fn idle_sockets_take_no_session_slots() {
         ),
         1.0
     );
-    assert!(proxy.log().contains("--max-handshakes"), "{}", proxy.log());
+    // The refusal is counted before its log line is written: wait for it.
+    proxy.wait_for_log("--max-handshakes", DEADLINE);
 
     // Places come back when the sockets go; the one session slot is
     // still taken, so the next client gets 53300 after its startup.
